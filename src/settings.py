@@ -1,0 +1,78 @@
+"""One settings object for the whole system, read from the environment.
+
+Every knob lives here with its default so that the CLI, the web app and the worker agree,
+and so that the README's configuration table can be generated from one place. Variables are
+prefixed ``URBANSOUND_`` (``URBANSOUND_DATABASE_URL``...). Paths are relative to the working
+directory unless absolute; the embedded default keeps all mutable state under ``var/``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Defaults describe the embedded set-up: SQLite and a SQLAlchemy broker under ``var/``."""
+
+    model_config = SettingsConfigDict(env_prefix="URBANSOUND_", env_file=None, extra="ignore")
+
+    state_dir: Path = Field(Path("var"), description="Mutable state: database, caches, uploads.")
+    data_dir: Path = Field(Path("data"), description="Training/test data (class-per-folder).")
+    models_dir: Path = Field(Path("models"), description="Model registry: versions + pointer.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty = SQLite in state_dir.")
+    broker_url: str = Field("", description="Celery broker; empty = SQLAlchemy on SQLite.")
+    result_backend: str = Field("", description="Celery results; empty = SQLite in state_dir.")
+
+    api_token: str = Field("change-me", description="Bearer token for mutating API calls.")
+    admin_password: str = Field("change-me", description="Password for the UI's admin login.")
+    secret_key: str = Field("dev-secret-change-me", description="Flask session/CSRF key.")
+
+    max_upload_mb: int = Field(200, description="Largest request body (bulk uploads), MiB.")
+    max_clip_mb: int = Field(20, description="Largest single audio file, MiB.")
+    max_archive_members: int = Field(5000, description="Most files in one zip upload.")
+    max_archive_bytes_mb: int = Field(1024, description="Most bytes decompressed from one zip.")
+    min_clip_seconds: float = Field(0.05, description="Shorter clips are rejected.")
+    max_clip_seconds: float = Field(60.0, description="Longer uploads are rejected.")
+
+    retrain_epochs: int = Field(8, description="Fine-tuning epochs per retrain job.")
+    retrain_lr: float = Field(3e-4, description="Peak learning rate when fine-tuning.")
+    gate_margin: float = Field(0.01, description="Promote if new macro-F1 >= served - margin.")
+    retrain_soft_limit_s: int = Field(3300, description="Celery soft time limit of a retrain.")
+    retrain_hard_limit_s: int = Field(3600, description="Celery hard time limit of a retrain.")
+
+    torch_threads: int = Field(0, description="torch threads per process; 0 = leave default.")
+    model_poll_s: float = Field(0.5, description="How often web processes look for a new model.")
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.state_dir / "urbansound.db"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.sqlite_path.resolve()}"
+
+    @property
+    def celery_broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.state_dir / 'broker.db').resolve()}"
+
+    @property
+    def celery_backend(self) -> str:
+        return self.result_backend or f"db+sqlite:///{(self.state_dir / 'results.db').resolve()}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.state_dir / "uploads"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Cached so every caller shares one object; tests call ``get_settings.cache_clear()``."""
+    return Settings()
