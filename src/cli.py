@@ -1,0 +1,177 @@
+"""The ``urbansound`` command line: the contract scripts, tests and people rely on.
+
+Heavy imports (torch, Flask, Celery) happen inside commands so ``--help`` stays instant and
+each command only pays for what it uses. Every command reports errors as one line on stderr
+with a non-zero exit (``cli_common.friendly_errors``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from . import cli_data, cli_ops, cli_services
+from .cli_common import friendly_errors, print_json
+from .settings import get_settings
+
+app = typer.Typer(
+    help="urbansound: classify urban sounds, serve the model, keep it fresh.",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+cli_data.app.command("upload")(cli_ops.upload)
+app.add_typer(cli_data.app, name="data")
+app.add_typer(cli_ops.db_app, name="db")
+app.add_typer(cli_ops.models_app, name="models")
+cli_services.register(app)
+
+
+@app.command()
+@friendly_errors
+def train(
+    data: Path = typer.Option(None, help="Data folder (UrbanSound8K or class-per-folder). "
+                              "Default: URBANSOUND_DATA_DIR, made synthetic if empty."),
+    test_fold: list[int] = typer.Option(None, "--test-fold", help="Fold(s) held out for test."),
+    epochs: int = typer.Option(40, min=1, help="Most epochs (early stopping may end sooner)."),
+    batch_size: int = typer.Option(32, min=2),
+    lr: float = typer.Option(3e-3, help="Peak learning rate of the one-cycle schedule."),
+    seed: int = typer.Option(0),
+    patience: int = typer.Option(10, help="Epochs without validation macro-F1 gain."),
+    activate: bool = typer.Option(True, help="Serve the new version once trained."),
+    out: Path = typer.Option(None, help="Also write the checkpoint to this path."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a model from scratch, evaluate it on the held-out test clips and register it."""
+    from . import registry
+    from .model import TrainConfig, save_checkpoint
+    from .train import train as run_training
+
+    settings = get_settings()
+    data = data or ensure_default_data()
+    version = registry.new_version_name()
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
+    result = run_training(data, set(test_fold or []) or None, cfg, cache_dir=settings.cache_dir,
+                          version=version, progress=not quiet)
+    m = result.test_metrics
+    typer.echo(f"test ({m['split']}): accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+               f"  loss {m['loss']:.3f}  n={m['n']}")
+    tmp = save_checkpoint(result.checkpoint, settings.state_dir / "tmp" / f"{version}.pt")
+    path = registry.publish(tmp, version, models_dir=settings.models_dir)
+    report_dir = write_reports(m, version)
+    typer.echo(f"saved {path} (reports in {report_dir})")
+    if out:
+        save_checkpoint(result.checkpoint, out)
+    if activate:
+        registry.activate(version, models_dir=settings.models_dir)
+        typer.echo(f"now serving {version}")
+
+
+def write_reports(metrics: dict, version: str) -> Path:
+    from .evaluation import plot_confusion_matrix, write_report
+
+    out = get_settings().state_dir / "reports" / version
+    write_report(metrics, out / "metrics.json")
+    plot_confusion_matrix(metrics, out / "confusion_matrix.png")
+    return out
+
+
+def ensure_default_data() -> Path:
+    """The embedded default trains on the synthetic set when no data folder exists yet."""
+    from .datasets import AUDIO_EXTENSIONS
+
+    data = get_settings().data_dir
+    has_audio = data.is_dir() and any(p.suffix.lower() in AUDIO_EXTENSIONS
+                                      for p in data.rglob("*"))
+    if not has_audio:
+        from . import synth
+
+        typer.echo(f"{data} has no audio: writing the SYNTHETIC demo set there (not UrbanSound8K)")
+        synth.generate(data)
+    return data
+
+
+def resolve_model(model: Path | None) -> Path:
+    from . import registry
+
+    if model:
+        return model
+    return registry.current(get_settings().models_dir)[1]
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    data: Path = typer.Option(..., help="Folder of labelled clips (either layout)."),
+    model: Path = typer.Option(None, help="Checkpoint file; default: the served version."),
+    folds: list[int] = typer.Option(None, "--folds", help="Only these folds."),
+    json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    report: Path = typer.Option(None, help="Also write the JSON report and confusion PNG here."),
+) -> None:
+    """Accuracy, loss, precision, recall, F1 and confusion matrix of a model on labelled clips."""
+    import numpy as np
+
+    from .datasets import read_dataset
+    from .evaluation import plot_confusion_matrix, write_report
+    from .model import evaluate_model
+    from .prediction import Predictor
+    from .train import Split, set_threads
+
+    set_threads()
+    predictor = Predictor(resolve_model(model), optimise=False)
+    clips = read_dataset(data, set(folds) if folds else None)
+    split = Split.load(clips, predictor.config, get_settings().cache_dir, progress=not json)
+    m = evaluate_model(predictor.model, split.x, np.asarray(split.y), predictor.classes)
+    m.update(model_version=predictor.version, data=str(data),
+             folds=sorted({c.fold for c in split.clips if c.fold is not None}),
+             skipped=len(clips) - len(split.clips))
+    if report:
+        write_report(m, report / "metrics.json")
+        plot_confusion_matrix(m, report / "confusion_matrix.png")
+    if json:
+        print_json(m)
+        return
+    typer.echo(f"model {m['model_version']} on {m['n']} clips of {data} (folds {m['folds']})")
+    typer.echo(f"accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  loss {m['loss']:.3f}"
+               f"  precision {m['precision']:.3f}  recall {m['recall']:.3f}")
+    for name, s in m["per_class"].items():
+        typer.echo(f"  {name:<17} P {s['precision']:.2f}  R {s['recall']:.2f}  F1 {s['f1']:.2f}"
+                   f"  n={s['support']}")
+
+
+@app.command()
+@friendly_errors
+def predict(
+    files: list[Path] = typer.Argument(..., help="Audio files."),
+    model: Path = typer.Option(None, help="Checkpoint file; default: the served version."),
+    json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+    top_k: int = typer.Option(3, min=1, max=10),
+) -> None:
+    """Label each clip. Bad files are reported on stderr; the exit code says if any failed."""
+    from .prediction import Predictor
+    from .preprocessing import AudioError
+
+    predictor = Predictor(resolve_model(model))
+    failed = 0
+    for f in files:
+        try:
+            p = predictor.predict(f, top_k)
+        except AudioError as exc:
+            failed += 1
+            typer.echo(f"error: {f}: {exc.message}", err=True)
+            continue
+        if json:
+            print_json({"file": str(f), **p.to_dict()})
+        else:
+            others = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in p.top_k[1:])
+            typer.echo(f"{f}: {p.label} ({p.confidence:.2f}; then {others})")
+    if failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="urbansound")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The training pipeline: data folder → splits → cached waveforms → fitted, evaluated model.
+
+Also ``retrain``: fine-tune a served checkpoint on new clips merged with its training data,
+which is what the Celery worker runs. Both end in the same self-describing checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .datasets import Clip, DatasetError, read_class_folders, read_dataset, summarise
+from .features import load_waveforms
+from .model import (
+    AudioCNN,
+    EpochCallback,
+    TrainConfig,
+    build_model,
+    evaluate_model,
+    fit,
+    make_checkpoint,
+    new_model,
+)
+from .preprocessing import CLASSES, FeatureConfig, encode_labels, fold_split, group_split
+
+
+@dataclass
+class Split:
+    clips: list[Clip]
+    x: torch.Tensor
+    y: np.ndarray
+
+    @classmethod
+    def load(cls, clips: list[Clip], config: FeatureConfig, cache_dir: Path | None,
+             progress: bool = True) -> Split:
+        loaded = load_waveforms(clips, config, cache_dir, progress=progress)
+        for clip, reason in loaded.errors[:5]:
+            print(f"warning: skipped {clip.path.name}: {reason}")
+        return cls(loaded.clips, torch.from_numpy(loaded.waveforms),
+                   encode_labels([c.label for c in loaded.clips]))
+
+
+def split_clips(
+    data_dir: Path, test_folds: set[int] | None, val_fraction: float = 0.15, seed: int = 0
+) -> tuple[list[Clip], list[Clip], list[Clip], str]:
+    """train / validation / test, never splitting a recording, and a sentence saying how.
+
+    Test: the given folds; else a ``test/`` folder beside ``train/``; else a group split.
+    Validation always comes from inside the training side.
+    """
+    data_dir = Path(data_dir)
+    if test_folds:
+        clips = read_dataset(data_dir)
+        train_idx, test_idx = fold_split(np.array([c.fold or 0 for c in clips]), test_folds)
+        train, test = [clips[i] for i in train_idx], [clips[i] for i in test_idx]
+        how = f"test = fold(s) {sorted(test_folds)}"
+    elif (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        train, test = read_class_folders(data_dir / "train"), read_class_folders(data_dir / "test")
+        how = f"test = {data_dir / 'test'}"
+    else:
+        clips = read_dataset(data_dir)
+        labels = encode_labels([c.label for c in clips])
+        keep, hold = group_split(labels, np.array([c.group for c in clips]), 0.2, seed)
+        train, test = [clips[i] for i in keep], [clips[i] for i in hold]
+        how = "test = a 20% recording-grouped split"
+    if not train or not test:
+        raise DatasetError(f"{data_dir}: the split left no training or no test clips ({how}).")
+    labels = encode_labels([c.label for c in train])
+    keep, hold = group_split(labels, np.array([c.group for c in train]), val_fraction, seed)
+    return [train[i] for i in keep], [train[i] for i in hold], test, how
+
+
+@dataclass
+class TrainResult:
+    checkpoint: dict
+    model: AudioCNN
+    test_metrics: dict
+    history: list[dict]
+
+
+def train(
+    data_dir: Path, test_folds: set[int] | None = None, cfg: TrainConfig | None = None,
+    config: FeatureConfig | None = None, cache_dir: Path | None = None,
+    version: str = "dev", on_epoch: EpochCallback | None = None, progress: bool = True,
+) -> TrainResult:
+    cfg = cfg or TrainConfig()
+    config = config or FeatureConfig()
+    set_threads()
+    train_clips, val_clips, test_clips, how = split_clips(data_dir, test_folds, seed=cfg.seed)
+    tr = Split.load(train_clips, config, cache_dir, progress)
+    va = Split.load(val_clips, config, cache_dir, progress)
+    te = Split.load(test_clips, config, cache_dir, progress)
+    model = new_model(tr.x, cfg, config)
+    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress)
+    metrics = evaluate_model(model, te.x, te.y, CLASSES)
+    metrics["split"] = how
+    metrics["test_folds"] = sorted(test_folds) if test_folds else None
+    data = {"train": summarise(tr.clips), "validation": summarise(va.clips),
+            "test": summarise(te.clips), "source_dir": str(data_dir), "split": how,
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    ckpt = make_checkpoint(model, CLASSES, version, None, metrics, data, history)
+    return TrainResult(ckpt, model, metrics, history)
+
+
+def retrain(
+    base: dict, new_clips: list[Clip], train_clips: list[Clip], test_clips: list[Clip],
+    version: str, epochs: int = 8, lr: float = 3e-4, cache_dir: Path | None = None,
+    on_epoch: EpochCallback | None = None, seed: int = 0, progress: bool = False,
+) -> TrainResult:
+    """Fine-tune ``base`` on ``new_clips`` merged with ``train_clips``; evaluate on the fixed
+    ``test_clips`` so the quality gate compares like with like.
+
+    Starting from the served weights (not from scratch) keeps what the model knows and makes a
+    retrain take minutes; the LR is lower than for training from scratch, and the
+    standardisation statistics are kept so the base model's features mean the same thing.
+    """
+    set_threads()
+    model = build_model(base)
+    config = model.config
+    merged = list(train_clips) + list(new_clips)
+    labels = encode_labels([c.label for c in merged])
+    groups = np.array([c.group for c in merged])
+    if len(set(groups.tolist())) >= 7:
+        keep, hold = group_split(labels, groups, 0.15, seed)
+    else:  # too few recordings to hold some out: validate on the test side's behaviour
+        keep, hold = np.arange(len(merged)), np.array([], dtype=int)
+    tr = Split.load([merged[i] for i in keep], config, cache_dir, progress)
+    va = Split.load([merged[i] for i in hold], config, cache_dir, progress)
+    te = Split.load(test_clips, config, cache_dir, progress)
+    train_cfg = base.get("data", {}).get("train_config", {})
+    cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, patience=max(3, epochs // 2),
+                      widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
+                      batch_size=train_cfg.get("batch_size", 32))
+    if not len(va.x):
+        va = te
+    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress)
+    metrics = evaluate_model(model, te.x, te.y, tuple(base["classes"]))
+    metrics["split"] = "fixed test set of the base model"
+    data = {"train": summarise(tr.clips), "new_clips": summarise(list(new_clips)),
+            "test": summarise(te.clips), "fine_tuned_from": base["version"],
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    ckpt = make_checkpoint(model, tuple(base["classes"]), version, base["version"], metrics,
+                           data, history)
+    return TrainResult(ckpt, model, metrics, history)
+
+
+def set_threads(n: int | None = None) -> None:
+    """Use every core for training unless told otherwise (URBANSOUND_TORCH_THREADS)."""
+    n = n or int(os.environ.get("URBANSOUND_TORCH_THREADS", "0") or 0) or os.cpu_count() or 1
+    torch.set_num_threads(n)

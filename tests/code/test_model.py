@@ -1,0 +1,93 @@
+"""Checkpoints, train/serve parity and the predictor's contract."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from src.datasets import read_us8k
+from src.features import load_waveforms
+from src.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from src.prediction import Predictor
+from src.preprocessing import CLASSES, FeatureConfig
+
+
+def test_checkpoint_round_trip_is_self_describing(quick_model, tmp_path):
+    path = save_checkpoint(quick_model.checkpoint, tmp_path / "m.pt")
+    # weights_only=True: the file is plain data, no pickled code
+    raw = torch.load(path, weights_only=True)
+    for key in ("version", "parent", "classes", "feature_config", "norm_mean", "norm_std",
+                "metrics", "data", "state_dict", "arch", "created_at"):
+        assert key in raw
+    assert raw["classes"] == list(CLASSES)
+    assert raw["data"]["train"]["n"] > 0 and raw["metrics"]["n"] > 0
+    loaded = build_model(load_checkpoint(path))
+    x = torch.randn(3, FeatureConfig().n_samples)
+    quick_model.model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), quick_model.model(x))
+
+
+def test_loading_refuses_pickled_code(tmp_path):
+    evil = tmp_path / "evil.pt"
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil.write_bytes(pickle.dumps({"format": "urbansound-ckpt/1", "x": Boom()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_loading_bad_files_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:
+        torch.save({"some": "dict"}, path)  # valid torch file, not ours
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="checkpoint"):
+        load_checkpoint(path)
+
+
+def test_train_and_serve_compute_identical_features(quick_model, us8k, tmp_path):
+    """The cached training waveforms and the served bytes-path give the same model input."""
+    clips = read_us8k(us8k, {1})[:6]
+    predictor = Predictor(quick_model.checkpoint, optimise=False)
+    loaded = load_waveforms(clips, predictor.config, cache_dir=tmp_path, workers=1,
+                            progress=False)
+    again = load_waveforms(clips, predictor.config, cache_dir=tmp_path, workers=1,
+                           progress=False)  # second read comes from the cache
+    np.testing.assert_array_equal(loaded.waveforms, again.waveforms)
+    model = predictor.model
+    with torch.inference_mode():
+        train_side = model.features(torch.from_numpy(loaded.waveforms))
+        serve_side = model.features(torch.from_numpy(np.stack(
+            [predictor.load(c.path.read_bytes()) for c in clips])))
+    torch.testing.assert_close(train_side, serve_side, rtol=0, atol=0)
+
+
+def test_optimised_predictor_agrees_with_eager(quick_model, us8k):
+    clips = read_us8k(us8k, {2})[:8]
+    fast = Predictor(quick_model.checkpoint, optimise=True)
+    slow = Predictor(quick_model.checkpoint, optimise=False)
+    waves = np.stack([fast.load(c.path) for c in clips])
+    np.testing.assert_allclose(fast.probabilities(waves), slow.probabilities(waves), atol=1e-4)
+
+
+def test_prediction_contract(quick_model, us8k):
+    clip = read_us8k(us8k, {1})[0]
+    predictor = Predictor(quick_model.checkpoint)
+    p = predictor.predict(clip.path.read_bytes(), top_k=3)
+    assert p.label in CLASSES and p.class_id == CLASSES.index(p.label)
+    assert set(p.probabilities) == set(CLASSES)
+    assert abs(sum(p.probabilities.values()) - 1) < 1e-4
+    assert p.confidence == max(p.probabilities.values())
+    assert next(t["label"] for t in p.top_k) == p.label and len(p.top_k) == 3
+    assert p.model_version == "quick-1"
+    batch = predictor.predict_many([clip.path, clip.path.read_bytes()])
+    assert batch[0].label == batch[1].label == p.label

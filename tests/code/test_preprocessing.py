@@ -1,0 +1,271 @@
+"""Decoding, checks, front end, labels, splits and augmentation."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from src.datasets import read_us8k
+from src.preprocessing import (
+    CLASSES,
+    AudioError,
+    FeatureConfig,
+    LogMel,
+    augment_waveforms,
+    decode,
+    encode_labels,
+    fold_split,
+    group_split,
+    load_clip,
+    mel_filterbank,
+    mixup,
+    normalise_label,
+    spec_augment,
+)
+
+CFG = FeatureConfig()
+
+
+def tone(sr: int, seconds: float = 1.0, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(sr * seconds)) / sr
+    y = 0.5 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(0).standard_normal(t.size)
+    return np.repeat(y[:, None], channels, axis=1).astype(np.float32)
+
+
+def encoded(data: np.ndarray, sr: int, fmt: str, subtype: str | None) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+WAV_SUBTYPES = ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "IMA_ADPCM",
+                "MS_ADPCM"]
+RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000, 192000]
+
+
+# libsndfile's ADPCM encoders write at most two channels; every other pair is covered
+VARIANTS = [(s, c) for s in WAV_SUBTYPES for c in (1, 2, 6) if not (s.endswith("ADPCM") and c > 2)]
+
+
+@pytest.mark.parametrize(("subtype", "channels"), VARIANTS)
+def test_every_wav_variant_decodes_to_the_same_clip(subtype, channels, tmp_path):
+    data = tone(44100, 1.0, channels)
+    raw = encoded(data, 44100, "WAV", subtype)
+    path = tmp_path / "x.wav"
+    path.write_bytes(raw)
+    from_bytes, from_path = load_clip(raw), load_clip(path)
+    assert from_bytes.shape == (CFG.n_samples,) and from_bytes.dtype == np.float32
+    np.testing.assert_array_equal(from_bytes, from_path)
+    reference = load_clip(encoded(data, 44100, "WAV", "FLOAT"))
+    # lossy ADPCM and 8-bit are close, not equal, to the float original
+    tol = 0.2 if subtype in ("IMA_ADPCM", "MS_ADPCM", "PCM_U8") else 1e-3
+    head = slice(0, 20000)  # ADPCM pads its last block, so the tiled tail may differ in phase
+    assert np.corrcoef(from_bytes[head], reference[head])[0, 1] > 1 - tol
+
+
+@pytest.mark.parametrize("rate", RATES)
+def test_every_sample_rate_is_resampled_to_22050(rate):
+    y = load_clip(encoded(tone(rate, 2.0, freq=1000), rate, "WAV", "PCM_16"))
+    spectrum = np.abs(np.fft.rfft(y[: CFG.sample_rate]))
+    peak_hz = spectrum.argmax() * CFG.sample_rate / CFG.sample_rate
+    assert abs(peak_hz - 1000) < 5  # the tone lands at the same frequency after resampling
+
+
+@pytest.mark.parametrize(("fmt", "subtype"), [("FLAC", "PCM_16"), ("FLAC", "PCM_24"),
+                                              ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
+def test_compressed_formats_decode(fmt, subtype):
+    y = load_clip(encoded(tone(22050, 1.0), 22050, fmt, subtype))
+    assert y.shape == (CFG.n_samples,) and np.isfinite(y).all()
+
+
+def test_original_urbansound_bytes_all_load(originals):
+    files = sorted((originals / "audio").rglob("*.wav"))
+    assert len(files) == 27
+    infos = set()
+    for f in files:
+        info = sf.info(f)
+        infos.add((info.samplerate, info.channels, info.subtype))
+        y = load_clip(f)
+        assert y.shape == (CFG.n_samples,) and np.isfinite(y).all() and np.abs(y).max() > 0
+    assert len(infos) > 3  # the set really does mix rates, channel counts and bit depths
+
+
+def test_stereo_is_downmixed_by_averaging():
+    left, right = tone(22050, 1.0, freq=300), tone(22050, 1.0, freq=3000)
+    data, _sr = decode(encoded(np.hstack([left, right]), 22050, "WAV", "FLOAT"))
+    assert data.shape[1] == 2
+    from src.preprocessing import to_mono
+
+    np.testing.assert_allclose(to_mono(data), (left[:, 0] + right[:, 0]) / 2, atol=1e-6)
+
+
+def test_level_normalisation_makes_clips_gain_invariant():
+    quiet = load_clip(encoded(tone(22050) * 0.01, 22050, "WAV", "FLOAT"))
+    loud = load_clip(encoded(tone(22050) * 0.9, 22050, "WAV", "FLOAT"))
+    np.testing.assert_allclose(quiet, loud, rtol=1e-4, atol=1e-6)
+
+
+def test_short_clips_are_tiled_or_zero_padded():
+    short = encoded(tone(22050, 0.5), 22050, "WAV", "FLOAT")
+    tiled = load_clip(short)
+    np.testing.assert_allclose(tiled[: 11025], tiled[11025:22050], atol=1e-6)
+    padded = load_clip(short, FeatureConfig(pad_mode="zero"))
+    assert np.all(padded[11025:] == 0)
+
+
+# ------------------------------------------------------------------ bad input
+
+def wav_header_claiming(n_bytes: int, payload: bytes) -> bytes:
+    fmt = struct.pack("<HHIIHH", 1, 1, 22050, 44100, 2, 16)
+    return (b"RIFF" + struct.pack("<I", 36 + n_bytes) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+            + fmt + b"data" + struct.pack("<I", n_bytes) + payload)
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    (b"", "empty"),
+    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "undecodable"),  # truncated header
+    (b"this is definitely not audio, just text" * 20, "undecodable"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(200), "undecodable"),
+])
+def test_unreadable_input_gets_a_clear_error(payload, code):
+    with pytest.raises(AudioError) as err:
+        load_clip(payload)
+    assert err.value.code == code and err.value.message
+
+
+def test_header_claiming_gigabytes_is_read_boundedly():
+    payload = (np.sin(np.arange(22050) / 5) * 20000).astype("<i2").tobytes()
+    raw = wav_header_claiming(4_000_000_000, payload)
+    start = time.perf_counter()
+    y = load_clip(raw)
+    assert y.shape == (CFG.n_samples,)
+    assert time.perf_counter() - start < 5  # bounded: nothing near 4 GB is allocated
+
+
+def test_ten_minute_clip_only_decodes_what_is_needed(monkeypatch):
+    data = tone(8000, 600.0)
+    raw = encoded(data, 8000, "WAV", "PCM_16")
+    frames_read = []
+    original = sf.SoundFile.read
+
+    def spy(self, frames=-1, *args, **kwargs):
+        frames_read.append(frames)
+        return original(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy)
+    assert load_clip(raw).shape == (CFG.n_samples,)
+    assert frames_read == [int(8000 * CFG.clip_seconds)]
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    (np.zeros((22050, 1), np.float32), "silent"),
+    (tone(22050, 0.01), "too_short"),
+    (np.where(np.arange(22050)[:, None] == 100, np.nan, tone(22050)), "non_finite"),
+    (np.where(np.arange(22050)[:, None] == 100, np.inf, tone(22050)), "non_finite"),
+])
+def test_meaningless_audio_is_refused(data, code):
+    with pytest.raises(AudioError) as err:
+        load_clip(encoded(data.astype(np.float32), 22050, "WAV", "FLOAT"))
+    assert err.value.code == code
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(AudioError) as err:
+        load_clip(tmp_path / "nope.wav")
+    assert err.value.code == "not_found"
+
+
+# ------------------------------------------------------------------ front end
+
+def test_mel_filterbank_matches_librosa():
+    for n_mels, fmax in [(64, 11025), (128, 8000), (40, 11025)]:
+        ours = mel_filterbank(22050, 1024, n_mels, 0.0, fmax)
+        ref = librosa.filters.mel(sr=22050, n_fft=1024, n_mels=n_mels, fmin=0.0, fmax=fmax)
+        np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_logmel_front_end_matches_librosa(us8k):
+    front = LogMel(CFG)
+    for path in sorted((us8k / "audio" / "fold1").glob("*.flac"))[:8]:
+        y = load_clip(path)
+        ours = front(torch.from_numpy(y)[None])[0, 0].numpy()
+        ref = librosa.power_to_db(
+            librosa.feature.melspectrogram(y=y, sr=CFG.sample_rate, n_fft=CFG.n_fft,
+                                           hop_length=CFG.hop_length, n_mels=CFG.n_mels),
+            ref=1.0, amin=1e-10, top_db=None)
+        assert ours.shape == ref.shape == (CFG.n_mels, CFG.n_frames)
+        assert np.abs(ours - ref).max() < 0.01  # dB
+
+
+# ------------------------------------------------------------------ labels
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("dog_bark", "dog_bark"), ("Dog Bark", "dog_bark"), ("dog-bark", "dog_bark"),
+    ("3", "dog_bark"), ("8-siren", "siren"), ("cat_meow", None), ("", None), ("12", None),
+    ("../siren", "siren"),
+])
+def test_label_normalisation(name, expected):
+    assert normalise_label(name) == expected
+
+
+def test_label_encoding_is_stable_and_strict():
+    assert list(encode_labels(list(CLASSES))) == list(range(10))
+    with pytest.raises(ValueError, match="cat"):
+        encode_labels(["cat"])
+
+
+# ------------------------------------------------------------------ splits
+
+def test_official_folds_never_share_a_recording(us8k):
+    clips = read_us8k(us8k)
+    train_idx, test_idx = fold_split(np.array([c.fold for c in clips]), {3})
+    assert len(test_idx) and len(train_idx)
+    assert not {clips[i].group for i in train_idx} & {clips[i].group for i in test_idx}
+
+
+def test_group_split_keeps_recordings_whole_and_stratifies(us8k):
+    clips = read_us8k(us8k, {1, 2})
+    labels = encode_labels([c.label for c in clips])
+    groups = np.array([c.group for c in clips])
+    keep, hold = group_split(labels, groups, 0.15, seed=3)
+    assert not set(groups[keep]) & set(groups[hold])
+    assert 0.08 < len(hold) / len(clips) < 0.25
+    assert len(set(labels[hold])) >= 8  # most classes appear on the held-out side
+
+
+def test_group_split_refuses_too_few_recordings():
+    with pytest.raises(ValueError, match="recordings"):
+        group_split(np.array([0, 1, 0]), np.array(["a", "a", "b"]), 0.2)
+
+
+# ------------------------------------------------------------------ augmentation
+
+def test_waveform_augmentation_is_seeded_and_changes_the_signal():
+    x = torch.from_numpy(np.stack([load_clip(encoded(tone(22050, 1.0, freq=f), 22050, "WAV",
+                                                     "FLOAT")) for f in (300, 900)]))
+    a = augment_waveforms(x, torch.Generator().manual_seed(1), x.flip(0))
+    b = augment_waveforms(x, torch.Generator().manual_seed(1), x.flip(0))
+    torch.testing.assert_close(a, b)
+    assert a.shape == x.shape and not torch.allclose(a, x)
+
+
+def test_spec_augment_masks_bands_and_frames():
+    x = torch.ones(4, 1, 64, 173)
+    out = spec_augment(x, torch.Generator().manual_seed(0), freq_width=10, time_width=30)
+    assert (out == 0).any() and (out == 1).any()
+    assert torch.equal(x, torch.ones_like(x))  # input untouched
+
+
+def test_mixup_targets_stay_distributions():
+    x = torch.randn(8, 1, 4, 4)
+    y = torch.nn.functional.one_hot(torch.arange(8) % 3, 3).float()
+    mx, my = mixup(x, y, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(my.sum(1), torch.ones(8))
+    assert mx.shape == x.shape

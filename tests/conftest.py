@@ -1,0 +1,81 @@
+"""Fixtures shared by every test layer: real-data locations, isolated settings, small models.
+
+Real UrbanSound8K clips are read from ``../shared/us8k`` (never copied into the repo). When
+they are missing, tests that need them fail in CI (``CI`` set) and skip elsewhere, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+US8K = SHARED / "us8k"
+ORIGINALS = SHARED / "us8k-originals"
+COMMITTED_MODELS = ROOT / "models"
+
+
+def require(path: Path, what: str) -> Path:
+    if not path.exists():
+        reason = f"{what} not found at {path}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI must provide it", pytrace=False)
+        pytest.skip(f"{reason} (outside CI this is allowed)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def us8k() -> Path:
+    return require(US8K / "metadata" / "UrbanSound8K.csv", "the UrbanSound8K subset").parents[1]
+
+
+@pytest.fixture(scope="session")
+def originals() -> Path:
+    found = require(ORIGINALS / "metadata" / "UrbanSound8K.csv", "the original-bytes clips")
+    return found.parents[1]
+
+
+@pytest.fixture()
+def isolated_settings(tmp_path, monkeypatch):
+    """Point every mutable path at tmp_path so tests never touch ``var/`` or ``models/``."""
+    from src.settings import get_settings
+
+    monkeypatch.setenv("URBANSOUND_STATE_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("URBANSOUND_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("URBANSOUND_MODELS_DIR", str(tmp_path / "models"))
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def committed_model() -> Path:
+    """The checkpoint the repository serves out of the box."""
+    from src import registry
+
+    return registry.current(COMMITTED_MODELS)[1]
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    from src import synth
+
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(out, per_class=16, test_per_class=6, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_model(synthetic_data, tmp_path_factory):
+    """A small model trained for a few epochs on the synthetic set: fast fixtures for code tests
+    that need *a* checkpoint, not a good one."""
+    from src.model import TrainConfig
+    from src.train import train
+
+    cache = tmp_path_factory.mktemp("cache")
+    result = train(synthetic_data, None, TrainConfig(epochs=6, patience=6, seed=0), cache_dir=cache,
+                   version="quick-1", progress=False)
+    return result
