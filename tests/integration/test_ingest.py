@@ -488,3 +488,46 @@ def test_postgres_down_is_database_unavailable(closed_port_url, tmp_path, real_c
     assert stored_files(settings) == []
     with pytest.raises(db.DatabaseUnavailable):
         db.check_connection(closed_port_url)
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_cli_upload(sqlite_migrated, tmp_path, real_clips, monkeypatch):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from src.cli_ops import upload
+    from src.settings import get_settings
+
+    monkeypatch.setenv("URBANSOUND_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("URBANSOUND_DATABASE_URL", sqlite_migrated)
+    get_settings.cache_clear()
+    app = typer.Typer()
+    app.command()(upload)
+    folder = tmp_path / "mine"
+    for label, path in real_clips[:3]:
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / label / path.name)
+    (folder / "cats").mkdir()
+    (folder / "cats" / "meow.wav").write_bytes(wav(noise(1.0, seed=60)))
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("hidden folders are not walked")
+    runner = CliRunner()
+    try:
+        result = runner.invoke(app, [str(folder), "--json"])
+        assert result.exit_code == 2, result.output  # some accepted, some rejected
+        report = json.loads(result.stdout)
+        assert (report["n_accepted"], report["n_rejected"]) == (3, 1)
+        assert report["rejected"][0]["code"] == "unknown_label"
+
+        result = runner.invoke(app, [str(folder / "dog_bark")])
+        assert result.exit_code == 1  # everything was a duplicate
+        assert "rejected  duplicate" in result.stdout
+
+        result = runner.invoke(app, [str(tmp_path / "nope")])
+        assert result.exit_code == 1 and "no such file or folder" in result.output
+        assert "Traceback" not in result.output
+    finally:
+        get_settings.cache_clear()
