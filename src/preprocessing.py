@@ -63,7 +63,7 @@ class FeatureConfig:
 
     @property
     def n_samples(self) -> int:
-        return int(round(self.sample_rate * self.clip_seconds))
+        return round(self.sample_rate * self.clip_seconds)
 
     @property
     def n_frames(self) -> int:
@@ -129,7 +129,7 @@ def decode(source: AudioSource, max_seconds: float | None = None) -> tuple[np.nd
             raise AudioError("bad_rate", f"Unsupported sample rate {f.samplerate} Hz.")
         if f.channels < 1 or f.channels > 32:
             raise AudioError("bad_channels", f"Unsupported channel count {f.channels}.")
-        limit = -1 if max_seconds is None else int(math.ceil(max_seconds * f.samplerate))
+        limit = -1 if max_seconds is None else math.ceil(max_seconds * f.samplerate)
         try:
             data = f.read(frames=limit, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as exc:
@@ -173,7 +173,7 @@ def fix_length(y: np.ndarray, n: int, mode: str = "repeat") -> np.ndarray:
     if y.size >= n:
         return y[:n]
     if mode == "repeat":
-        return np.tile(y, int(math.ceil(n / y.size)))[:n]
+        return np.tile(y, math.ceil(n / y.size))[:n]
     return np.pad(y, (0, n - y.size))
 
 
@@ -380,7 +380,7 @@ def group_split(
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels, groups = np.asarray(labels), np.asarray(groups)
-    n_splits = max(2, int(round(1 / fraction)))
+    n_splits = max(2, round(1 / fraction))
     n_groups = len(set(groups.tolist()))
     if n_groups < n_splits:
         raise ValueError(f"Need at least {n_splits} recordings to split, got {n_groups}.")

@@ -1,0 +1,81 @@
+"""Model cards written from the checkpoint itself, so the card cannot disagree with the model.
+
+Everything numeric (data, folds, per-class metrics, the confusions) is read from the
+checkpoint's ``data`` and ``metrics``; only the framing sentences are fixed text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def top_confusions(metrics: dict, k: int = 5) -> list[tuple[str, str, int, float]]:
+    """(true, predicted, count, share of the true class) for the largest off-diagonal cells."""
+    cm = np.asarray(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    off = [(cm[i, j], i, j) for i in range(len(classes)) for j in range(len(classes))
+           if i != j and cm[i, j]]
+    off.sort(reverse=True)
+    return [(classes[i], classes[j], int(n), float(n / max(cm[i].sum(), 1)))
+            for n, i, j in off[:k]]
+
+
+def render(ckpt: dict, reproduce: str = "") -> str:
+    m, data = ckpt["metrics"], ckpt.get("data", {})
+    cfg, arch = ckpt["feature_config"], ckpt["arch"]
+    train, val, test = data.get("train", {}), data.get("validation", {}), data.get("test", {})
+    n_params = sum(int(np.prod(v.shape)) for k, v in ckpt["state_dict"].items()
+                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                   and not k.startswith("standardise"))
+    lines = [
+        f"# Model card — `{ckpt['version']}`",
+        "",
+        f"A {arch['name']} ({n_params:,} parameters; conv widths {arch['widths']}, dropout "
+        f"{arch['dropout']}) classifying 4-second clips into the ten UrbanSound8K classes from "
+        f"{cfg['n_mels']}-band log-mel spectrograms ({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "
+        f"hop {cfg['hop_length']}). Created {ckpt['created_at']}; parent: "
+        f"{ckpt.get('parent') or 'none (trained from scratch)'}.",
+        "",
+        "## Data",
+        "",
+        f"- Source: `{data.get('source_dir', '?')}`; split: {data.get('split', m.get('split'))}.",
+        f"- Training: {train.get('n', '?')} clips from {train.get('recordings', '?')} recordings, "
+        f"folds {train.get('folds', '?')}.",
+        f"- Validation (early stopping, inside the training folds, grouped by recording): "
+        f"{val.get('n', '?')} clips.",
+        f"- Test: {test.get('n', m.get('n'))} clips, folds {test.get('folds', '?')} — never seen "
+        "in training or validation; no recording (fsID) appears on two sides.",
+        f"- Training clips per class: {train.get('per_class', {})}.",
+        "",
+        "## Metrics on the test fold(s)",
+        "",
+        f"accuracy **{m['accuracy']:.3f}**, macro-F1 **{m['macro_f1']:.3f}**, loss {m['loss']:.3f}, "
+        f"macro precision {m['precision']:.3f}, macro recall {m['recall']:.3f}.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in m["per_class"].items():
+        lines.append(f"| {name} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} | "
+                     f"{s['support']} |")
+    worst = sorted(m["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Weakest classes: " + ", ".join(f"{n} (F1 {s['f1']:.2f})" for n, s in worst) + ".",
+        "- Most frequent confusions (true → predicted): " + "; ".join(
+            f"{t} → {p} ({n}, {share:.0%} of {t})" for t, p, n, share in top_confusions(m)) + ".",
+        "- Trained on a subset of UrbanSound8K (mostly folds 1 and 2): ten classes only, "
+        "field recordings from Freesound. Anything else (speech, music genres, indoor "
+        "sounds, other cities' soundscapes) is forced into one of the ten classes; a low "
+        "confidence is the only hint. Clips are cut or tiled to 4 s; events longer than that "
+        "are judged on their first 4 s.",
+        "- Level is normalised per clip, so loudness carries no information (by design).",
+        "",
+    ]
+    if reproduce:
+        lines += ["## Reproduce", "", "```", reproduce.strip(), "```", ""]
+    lines += ["Data: UrbanSound8K, J. Salamon, C. Jacoby and J. P. Bello, \"A Dataset and "
+              "Taxonomy for Urban Sound Research\", ACM Multimedia 2014; CC BY-NC 3.0.", ""]
+    return "\n".join(lines)
