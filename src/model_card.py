@@ -49,7 +49,8 @@ def render(ckpt: dict, reproduce: str = "") -> str:
         "",
         "## Metrics on the test fold(s)",
         "",
-        f"accuracy **{m['accuracy']:.3f}**, macro-F1 **{m['macro_f1']:.3f}**, loss {m['loss']:.3f}, "
+        f"accuracy **{m['accuracy']:.3f}**, macro-F1 **{m['macro_f1']:.3f}**, "
+        f"loss {m['loss']:.3f}, "
         f"macro precision {m['precision']:.3f}, macro recall {m['recall']:.3f}.",
         "",
         "| class | precision | recall | F1 | support |",

@@ -87,7 +87,7 @@ def test_directional_mixing_in_a_siren_raises_siren(predictor, us8k):
 
 
 def test_minimum_functionality_on_confident_classes(predictor, us8k):
-    """Sirens, jackhammers... in clips from an unseen fold: the easy classes must mostly be right."""
+    """Sirens, gun shots... in clips from an unseen fold: the easy classes must mostly be right."""
     clips = read_us8k(us8k, {3})
     for label in ("siren", "gun_shot", "dog_bark", "street_music"):
         chosen = [c for c in clips if c.label == label][:15]
