@@ -398,8 +398,16 @@ def dispose_engines(close: bool = True) -> None:
             _factory.cache_clear()
 
 
+def _after_fork_in_child() -> None:
+    """A fresh lock (another thread may have held the old one at fork time) and fresh pools."""
+    global _engines_lock
+    _engines_lock = threading.Lock()
+    for engine in list(_engines.values()):
+        engine.dispose(close=False)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: dispose_engines(close=False))
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def check_connection(url: str | None = None) -> None:

@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import struct
+import time
 import uuid
 import zipfile
 import zlib
@@ -646,6 +647,37 @@ def _commit(session: Session, batch: _Batch, settings: Settings, source: str,
     return report
 
 
+def _sweep_staging(incoming: Path, max_age_s: float = 86_400) -> None:
+    """Staging folders of processes killed mid-upload; a day old means nobody owns them."""
+    if not incoming.is_dir():
+        return
+    cutoff = time.time() - max_age_s
+    for folder in incoming.iterdir():
+        with contextlib.suppress(OSError):
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def find_orphans(session: Session, settings: Settings | None = None,
+                 remove: bool = False) -> list[Path]:
+    """Stored files no clip row points at: what a crash between the file move and the commit
+    leaves behind (harmless: a re-upload adopts them). ``remove=True`` deletes them, under the
+    ingest lock so an upload in progress is never touched."""
+    settings = settings or get_settings()
+    root = settings.uploads_dir
+    if not root.is_dir():
+        return []
+    with _ingest_lock(session, settings):
+        known = set(session.scalars(sa.select(UploadedClip.path)))
+        orphans = [p for p in sorted(root.glob("*/*"))
+                   if p.is_file() and not p.parent.name.startswith(".")
+                   and p.relative_to(root).as_posix() not in known]
+        if remove:
+            for path in orphans:
+                path.unlink(missing_ok=True)
+    return orphans
+
+
 def ingest(
     items: Iterable[Item],
     *,
@@ -678,6 +710,7 @@ def ingest(
         explicit = normalise_label(str(label))
         if explicit is None:
             raise IngestError(f"Unknown label {label!r}; expected one of: {', '.join(CLASSES)}.")
+    _sweep_staging(settings.uploads_dir / ".incoming")
     staging = settings.uploads_dir / ".incoming" / uuid.uuid4().hex
     staging.mkdir(parents=True, exist_ok=True)
     try:

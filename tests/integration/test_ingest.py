@@ -6,6 +6,7 @@ generated here: broken audio of every kind, and archives built to attack the ext
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import resource
@@ -23,7 +24,14 @@ import soundfile as sf
 import sqlalchemy as sa
 
 from src import db
-from src.ingest import IngestError, clips_as_dataset, ingest, mark_used, unused_clips
+from src.ingest import (
+    IngestError,
+    clips_as_dataset,
+    find_orphans,
+    ingest,
+    mark_used,
+    unused_clips,
+)
 from src.preprocessing import CLASSES
 from src.settings import Settings
 
@@ -451,6 +459,31 @@ def test_failed_commit_leaves_no_orphans_and_keeps_earlier_clips(db_url, tmp_pat
     # and the same files go through once the database works again
     report = ingest([(f"siren/{second.name}", second.read_bytes())], settings=settings)
     assert report.n_accepted == 1 and len(stored_files(settings)) == 2
+
+
+def test_orphans_left_by_a_crash_are_found_and_adopted(db_url, tmp_path, real_clips):
+    """A process killed after moving a file but before committing leaves an unrecorded file:
+    ``find_orphans`` lists it, and a re-upload of the same content simply takes it over."""
+    settings = settings_for(tmp_path, db_url)
+    (_, first), (_, second) = real_clips[0], real_clips[2]
+    kept = ingest([(f"dog_bark/{first.name}", first.read_bytes())], settings=settings)
+    sha = hashlib.sha256(second.read_bytes()).hexdigest()
+    orphan = settings.uploads_dir / "siren" / f"{sha[:16]}.flac"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(second.read_bytes()[:1000])  # even a torn one
+    with db.session_scope(db_url) as session:
+        assert find_orphans(session, settings) == [orphan]
+
+    report = ingest([(f"siren/{second.name}", second.read_bytes())], settings=settings)
+    assert report.accepted[0].path == f"siren/{sha[:16]}.flac"
+    assert orphan.read_bytes() == second.read_bytes()  # replaced by the complete file
+    with db.session_scope(db_url) as session:
+        assert find_orphans(session, settings) == []
+        stray = settings.uploads_dir / "dog_bark" / "stray.wav"
+        stray.write_bytes(b"x")
+        assert find_orphans(session, settings, remove=True) == [stray]
+    assert not stray.exists()
+    assert (settings.uploads_dir / kept.accepted[0].path).is_file()
 
 
 def test_commit_refused_by_postgres_itself(pg_clean, tmp_path, real_clips):
