@@ -1,0 +1,161 @@
+"""``urbansound serve`` (the web app under gunicorn) and ``urbansound up`` (the embedded
+default: database migrated, web app and Celery worker started together, Ctrl-C stops both).
+
+Flask and gunicorn are not imported here: ``serve`` replaces this process with gunicorn (so
+signals reach gunicorn directly) and ``up`` supervises two child processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from .cli_common import fail, friendly_errors
+from .settings import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE_S = 15.0
+
+
+def register(app: typer.Typer) -> None:
+    """Attach this module's commands to the root app."""
+    app.command("serve")(serve)
+    app.command("up")(up)
+
+
+def gunicorn_config() -> Path:
+    """The deployment's config when it exists, else the app's own defaults."""
+    deployed = ROOT / "deploy" / "gunicorn.conf.py"
+    return deployed if deployed.is_file() else ROOT / "web" / "gunicorn_conf.py"
+
+
+def serve_environment(port: int, workers: int) -> dict[str, str]:
+    """What gunicorn and its workers need in the environment before any import."""
+    settings = get_settings()
+    env = dict(os.environ)
+    # One metrics folder per server (port): the master wipes it at start, and two servers on
+    # one state folder (the stack's replicas) must not wipe each other's.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                   str((settings.state_dir / "prometheus" / f"web-{port}").resolve()))
+    Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+    if not settings.torch_threads and not env.get("URBANSOUND_TORCH_THREADS"):
+        env["URBANSOUND_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def gunicorn_argv(host: str, port: int, workers: int, threads: int | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "gunicorn", "--config", str(gunicorn_config()),
+            "--bind", f"{host}:{port}", "--workers", str(workers), "--chdir", str(ROOT)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    return [*argv, "web:create_app()"]
+
+
+@friendly_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: all)."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(2, min=1, help="gunicorn worker processes (≈ CPU cores; each "
+                                "holds one copy of the model)."),
+    threads: int = typer.Option(None, min=1, help="Threads per worker (default 4)."),
+) -> None:
+    """Run the web app (pages + REST API) under gunicorn."""
+    env = serve_environment(port, workers)
+    argv = gunicorn_argv(host, port, workers, threads)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)  # gunicorn gets Ctrl-C/SIGTERM itself
+
+
+# --------------------------------------------------------------------------- up
+
+def _prepare() -> None:
+    """Migrate the database and say what will be served, before starting anything."""
+    from . import db, registry
+
+    settings = get_settings()
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"database: {db.normalise_url(settings.db_url).render_as_string(True)}")
+    db.upgrade(settings.db_url)
+    try:
+        version, _ = registry.current(settings.models_dir)
+        typer.echo(f"model: serving {version} from {settings.models_dir}")
+    except registry.RegistryError as exc:
+        typer.echo(f"warning: {exc.message} The app starts anyway; /api/v1/ready says "
+                   "'not ready' until a model exists.", err=True)
+
+
+def _stop(procs: dict[str, subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM each child's process group (gunicorn: graceful; Celery: warm shutdown), then
+    SIGKILL whatever is still there after ``grace`` seconds."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@friendly_errors
+def up(
+    host: str = typer.Option("127.0.0.1", help="Interface the web app listens on."),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(2, min=1, help="gunicorn worker processes."),
+    no_worker: bool = typer.Option(False, "--no-worker", help="Web app only (no retraining)."),
+) -> None:
+    """Embedded default: migrate the database, then run the web app and a Celery worker
+    together. Ctrl-C (or SIGTERM) stops both."""
+    _prepare()
+    env = serve_environment(port, workers)
+    commands = {"web": gunicorn_argv(host, port, workers)}
+    if not no_worker:
+        commands["worker"] = [sys.executable, "-m", "src.cli", "worker"]
+    procs: dict[str, subprocess.Popen] = {}
+    stopping = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping["signal"] is not None:  # a second Ctrl-C: no more patience
+            for proc in procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        stopping["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name, argv in commands.items():
+            # Own session: the terminal's Ctrl-C reaches only us, and we stop children in order.
+            procs[name] = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
+        typer.echo(f"urbansound is up: http://{host}:{port}/ (web pid {procs['web'].pid}"
+                   + (f", worker pid {procs['worker'].pid}" if "worker" in procs else "")
+                   + "). Ctrl-C stops it.")
+        exited = None
+        while stopping["signal"] is None and exited is None:
+            exited = next((n for n, p in procs.items() if p.poll() is not None), None)
+            time.sleep(0.2)
+        if exited is not None and stopping["signal"] is None:
+            code = procs[exited].returncode
+            typer.echo(f"{exited} exited with status {code}; stopping the rest", err=True)
+        else:
+            typer.echo("stopping web app and worker ...")
+        _stop(procs)
+    finally:
+        _stop(procs, grace=2)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if exited is not None and stopping["signal"] is None:
+        fail(f"the {exited} process stopped unexpectedly (exit status {procs[exited].returncode})")
+    typer.echo("stopped.")

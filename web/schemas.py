@@ -1,0 +1,238 @@
+"""marshmallow schemas of the REST API: they validate input and generate the OpenAPI document,
+so the document cannot drift from what the code accepts and returns."""
+
+from __future__ import annotations
+
+from apiflask import Schema
+from apiflask.fields import Boolean, Dict, Float, Integer, List, Nested, String
+from apiflask.validators import OneOf, Range
+
+from src.preprocessing import CLASSES
+
+JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed")
+
+
+# --------------------------------------------------------------------------- inputs
+
+class TopKQuery(Schema):
+    top_k = Integer(load_default=3, validate=Range(1, 10),
+                    metadata={"description": "How many of the best classes to list."})
+
+
+class PageQuery(Schema):
+    limit = Integer(load_default=50, validate=Range(1, 500))
+    offset = Integer(load_default=0, validate=Range(0, 10**9))
+
+
+class LimitQuery(Schema):
+    limit = Integer(load_default=20, validate=Range(1, 200))
+
+
+class ActivateQuery(Schema):
+    force = Boolean(load_default=False, metadata={
+        "description": "Also activate a version the quality gate rejected."})
+
+
+class RetrainIn(Schema):
+    epochs = Integer(validate=Range(1, 200), metadata={
+        "description": "Fine-tuning epochs (default: URBANSOUND_RETRAIN_EPOCHS)."})
+    lr = Float(validate=Range(1e-6, 1.0), metadata={
+        "description": "Peak learning rate (default: URBANSOUND_RETRAIN_LR)."})
+
+
+# --------------------------------------------------------------------------- prediction
+
+class TopK(Schema):
+    label = String(required=True)
+    probability = Float(required=True)
+
+
+class PredictionOut(Schema):
+    label = String(required=True, validate=OneOf(CLASSES))
+    class_id = Integer(required=True)
+    confidence = Float(required=True)
+    probabilities = Dict(keys=String(), values=Float(), required=True)
+    top_k = List(Nested(TopK), required=True)
+    model_version = String(required=True, metadata={"description": "The model that answered."})
+    latency_ms = Float(required=True, metadata={
+        "description": "Server-side time to decode the clip and run the model."})
+    file = String(allow_none=True, metadata={"description": "The sanitised file name, if any."})
+
+
+# --------------------------------------------------------------------------- uploads
+
+class FileVerdict(Schema):
+    name = String(required=True)
+    accepted = Boolean(required=True)
+    code = String(required=True, metadata={"description": "Empty when accepted."})
+    message = String(required=True)
+    label = String(allow_none=True)
+    sha256 = String(allow_none=True)
+    size_bytes = Integer(allow_none=True)
+    duration_s = Float(allow_none=True)
+    sample_rate = Integer(allow_none=True)
+    channels = Integer(allow_none=True)
+    format = String(allow_none=True)
+    clip_id = Integer(allow_none=True)
+
+
+class UploadReport(Schema):
+    upload_id = Integer(allow_none=True)
+    source = String(required=True)
+    client = String(required=True)
+    n_files = Integer(required=True)
+    n_accepted = Integer(required=True)
+    n_rejected = Integer(required=True)
+    accepted = List(Nested(FileVerdict), required=True)
+    rejected = List(Nested(FileVerdict), required=True)
+    skipped = List(String(), required=True)
+
+
+class UploadSummary(Schema):
+    id = Integer(required=True)
+    created_at = String(allow_none=True)
+    source = String(required=True)
+    client = String(required=True)
+    n_files = Integer(required=True)
+    n_accepted = Integer(required=True)
+    n_rejected = Integer(required=True)
+
+
+class UploadList(Schema):
+    items = List(Nested(UploadSummary), required=True)
+    total = Integer(required=True)
+    limit = Integer(required=True)
+    offset = Integer(required=True)
+    stats = Dict(required=True, metadata={"description": "Clips per class, unused clips..."})
+
+
+class StoredClip(Schema):
+    clip_id = Integer(required=True)
+    name = String(required=True)
+    label = String(required=True)
+    sha256 = String(required=True)
+    duration_s = Float(required=True)
+    sample_rate = Integer(required=True)
+    channels = Integer(required=True)
+    size_bytes = Integer(required=True)
+    used_in_job_id = String(allow_none=True)
+
+
+class RejectedFile(Schema):
+    name = String(required=True)
+    code = String(required=True)
+    message = String(required=True)
+
+
+class UploadDetail(UploadSummary):
+    accepted = List(Nested(StoredClip), required=True)
+    rejected = List(Nested(RejectedFile), required=True)
+
+
+# --------------------------------------------------------------------------- jobs
+
+class JobOut(Schema):
+    """A retraining job. ``progress`` holds epoch, epochs, loss and val_f1 while it runs;
+    ``message`` says promoted or rejected, and why, once it is done."""
+
+    id = String(required=True)
+    status = String(required=True, validate=OneOf(JOB_STATUSES))
+    requested_at = String(allow_none=True)
+    requested_by = String(allow_none=True)
+    started_at = String(allow_none=True)
+    finished_at = String(allow_none=True)
+    progress = Dict(allow_none=True)
+    params = Dict(allow_none=True)
+    base_version = String(allow_none=True)
+    result_version = String(allow_none=True)
+    metrics = Dict(allow_none=True)
+    n_new_clips = Integer(allow_none=True)
+    message = String(allow_none=True)
+    error = String(allow_none=True)
+    promoted = Boolean(allow_none=True)
+    done = Boolean(required=True)
+    heartbeat_at = String(allow_none=True)
+    duration_s = Float(allow_none=True)
+    worker = String(allow_none=True)
+    celery_task_id = String(allow_none=True)
+
+
+class JobDetail(JobOut):
+    """One job as ``GET /jobs/<id>`` returns it (its own name in the OpenAPI document, so the
+    nested ``JobOut`` of other responses is not registered twice)."""
+
+
+class RetrainOut(Schema):
+    created = Boolean(required=True, metadata={
+        "description": "False when a job was already queued or running: that job is returned."})
+    job = Nested(JobOut, required=True)
+
+
+class JobList(Schema):
+    items = List(Nested(JobOut), required=True)
+
+
+# --------------------------------------------------------------------------- models
+
+class VersionOut(Schema):
+    version = String(required=True)
+    status = String(required=True)
+    active = Boolean(required=True)
+    parent = String(allow_none=True)
+    created_at = String(allow_none=True)
+    activated_at = String(allow_none=True)
+    metrics = Dict(required=True)
+    data = Dict(required=True)
+    reason = String(allow_none=True)
+    error = String(allow_none=True)
+
+
+class ModelList(Schema):
+    served = String(allow_none=True)
+    items = List(Nested(VersionOut), required=True)
+
+
+class ActivateOut(Schema):
+    version = String(required=True)
+    previous = String(allow_none=True)
+    serving = String(allow_none=True, metadata={
+        "description": "What this process serves after the swap; other workers follow "
+                       "within URBANSOUND_MODEL_POLL_S."})
+
+
+# --------------------------------------------------------------------------- operations
+
+class HealthOut(Schema):
+    status = String(required=True)
+    uptime_s = Float(allow_none=True, metadata={"description": "Since the server started."})
+    process_uptime_s = Float(required=True)
+    model_version = String(allow_none=True)
+    model_loaded = Boolean(required=True)
+    model_activated_at = String(allow_none=True)
+    model_uptime_s = Float(allow_none=True, metadata={
+        "description": "Since the served version was activated."})
+    version = String(required=True, metadata={"description": "The urbansound package version."})
+
+
+class Check(Schema):
+    ok = Boolean(required=True)
+    message = String(required=True)
+
+
+class ReadyOut(Schema):
+    ready = Boolean(required=True)
+    checks = Dict(keys=String(), values=Nested(Check), required=True)
+
+
+class MetricsOut(Schema):
+    uptime_s = Float(allow_none=True)
+    requests = Dict(required=True)
+    error_rate = Float(required=True)
+    client_error_rate = Float(required=True)
+    latency_ms = Dict(required=True)
+    predictions = Dict(required=True)
+    confidence = Dict(required=True)
+    workers_per_version = Dict(required=True)
+    model = Dict(required=True)
+    drift = Dict(required=True)
+

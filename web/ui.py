@@ -1,0 +1,323 @@
+"""The pages (``/``): predict, data, training, dashboard, login.
+
+Server-rendered and usable without JavaScript; ``static/app.js`` adds only what needs it
+(microphone recording, folder upload with relative paths, live job progress). Views reuse the
+API module's functions, so a page and its API endpoint cannot disagree. Anything that changes
+state needs an admin session and a CSRF token.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from apiflask import HTTPError
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    session,
+    url_for,
+)
+
+from src.preprocessing import CLASSES
+
+from . import api as api_views
+from . import plots, services
+from .security import admin_required, check_admin_secret, is_admin, safe_next
+
+log = logging.getLogger(__name__)
+ui = Blueprint("ui", __name__)
+PLAYER_MAX_BYTES = 8 << 20  # larger clips are classified but not echoed back into the page
+
+
+@ui.app_context_processor
+def _globals() -> dict[str, Any]:
+    return {"admin": is_admin(),
+            "served_version": services.state().predictors.current_version}
+
+
+def _error_of(exc: HTTPError) -> tuple[str, str]:
+    data = dict(exc.extra_data or {})
+    return data.get("code", "error"), exc.message or "Something went wrong."
+
+
+# --------------------------------------------------------------------------- predict
+
+def _audio_mime(data: bytes) -> str:
+    head = data[:12]
+    if head[:4] == b"fLaC":
+        return "audio/flac"
+    if head[:4] == b"OggS":
+        return "audio/ogg"
+    if head[:3] == b"ID3" or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio/mpeg"
+    return "audio/wav"
+
+
+@ui.get("/")
+def index():
+    return render_template("predict.html", active="predict", result=None)
+
+
+@ui.post("/predict")
+def predict_page():
+    """Classify the chosen (or recorded) clip and show the answer with its spectrogram."""
+    st = services.state()
+    try:
+        upload = request.files.get("file")
+        if upload is None or not upload.filename:
+            raise HTTPError(400, "Choose an audio file (or record one) first.",
+                            extra_data={"code": "missing_file"})
+        limit = st.settings.max_clip_mb << 20
+        data = upload.stream.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPError(413, f"A clip may be at most {st.settings.max_clip_mb} MiB.",
+                            extra_data={"code": "too_large"})
+        if not data:
+            raise HTTPError(400, "The file is empty.", extra_data={"code": "empty"})
+        prediction, predictor, latency, waveform = api_views.run_prediction(data, 10)
+    except HTTPError as exc:
+        code, message = _error_of(exc)
+        return render_template("predict.html", active="predict", result=None,
+                               error=message, error_code=code), exc.status_code
+    config = predictor.config
+    image = plots.spectrogram_png(predictor.logmel(waveform), config.sample_rate,
+                                  config.hop_length)
+    from werkzeug.utils import secure_filename
+
+    result = {
+        **prediction.to_dict(),
+        "latency_ms": round(1000 * latency, 1),
+        "file": secure_filename(upload.filename or "") or "recording.wav",
+        "ranked": sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True),
+        "spectrogram": "data:image/png;base64," + base64.b64encode(image).decode(),
+        "audio": (f"data:{_audio_mime(data)};base64," + base64.b64encode(data).decode())
+        if len(data) <= PLAYER_MAX_BYTES else None,
+    }
+    return render_template("predict.html", active="predict", result=result)
+
+
+# --------------------------------------------------------------------------- data
+
+_visual_threads: dict[str, threading.Thread] = {}
+_visual_errors: dict[str, str] = {}
+_visual_lock = threading.Lock()
+
+
+def _data_root() -> Path:
+    return Path(services.state().settings.data_dir)
+
+
+def visuals_state() -> tuple[list | None, str | None]:
+    """``(visuals, None)`` when rendered; ``(None, None)`` while rendering in the background
+    (started here on first need); ``(None, error)`` when there is no usable data set."""
+    from src import visualise
+
+    settings = services.state().settings
+    root = _data_root()
+    if not root.is_dir():
+        return None, (f"No data set at {root}. Create the demo set with `urbansound data synth` "
+                      "or import UrbanSound8K with `urbansound data import DIR`.")
+    done = visualise.cached(root, settings.cache_dir)
+    if done is not None:
+        return done, None
+    key = str(root.resolve())
+    with _visual_lock:
+        if key in _visual_errors:
+            return None, _visual_errors[key]
+        thread = _visual_threads.get(key)
+        if thread is None or not thread.is_alive():
+            def work() -> None:
+                try:
+                    visualise.render_all(root, settings.cache_dir)
+                except Exception as exc:  # shown on the page; retried when the data changes
+                    log.warning("data set visualisations failed: %s", exc)
+                    with _visual_lock:
+                        _visual_errors[key] = str(exc)
+
+            thread = threading.Thread(target=work, name="visualise", daemon=True)
+            _visual_threads[key] = thread
+            thread.start()
+    return None, None
+
+
+@ui.get("/data")
+def data_page():
+    visuals, visuals_error = visuals_state()
+    stats, uploads, db_error = None, [], None
+    try:
+        stats = services.upload_stats()
+        uploads, _ = services.list_uploads(10, 0)
+    except Exception as exc:  # the page still shows the visualisations
+        db_error = getattr(exc, "message", None) or str(exc)
+    return render_template("data.html", active="data", visuals=visuals,
+                           visuals_error=visuals_error, data_root=str(_data_root()),
+                           stats=stats, uploads=uploads, db_error=db_error, classes=CLASSES)
+
+
+@ui.get("/data/visuals/status")
+def visuals_status():
+    visuals, error = visuals_state()
+    return jsonify({"ready": visuals is not None, "error": error})
+
+
+@ui.get("/data/visuals/<name>.png")
+def visual_png(name: str):
+    visuals, _ = visuals_state()
+    for v in visuals or []:
+        if v.name == name:
+            return send_file(v.png, mimetype="image/png", max_age=300)
+    abort(404)
+
+
+@ui.post("/data/upload")
+@admin_required
+def upload_page():
+    """Bulk upload from the page: a folder (``webkitdirectory``), many files, or a zip."""
+    partial = request.headers.get("X-Requested-With") == "fetch"
+    try:
+        report = api_views.ingest_request("ui", "ui:admin")
+    except HTTPError as exc:
+        _, message = _error_of(exc)
+        if partial:
+            return render_template("_upload_report.html", report=None, error=message), \
+                exc.status_code, {"X-Partial": "1"}
+        flash(message, "error")
+        return redirect(url_for("ui.data_page"))
+    if partial:  # app.js inserts the report into the page it is on
+        return render_template("_upload_report.html", report=report, error=None), 200, \
+            {"X-Partial": "1"}
+    return render_template("upload_report.html", active="data", report=report)
+
+
+# --------------------------------------------------------------------------- training
+
+@ui.get("/training")
+def training_page():
+    jobs, jobs_error = [], None
+    try:
+        jobs = [api_views.job_out(j) for j in services.jobs_module().list_jobs(15)]
+    except Exception as exc:
+        jobs_error = getattr(exc, "message", None) or str(exc)
+    versions = [api_views.version_out(v) for v in api_views.list_versions()]
+    active_job = next((j for j in jobs if not j["done"]), None)
+    return render_template("training.html", active="training", jobs=jobs,
+                           jobs_error=jobs_error, versions=versions, active_job=active_job)
+
+
+@ui.post("/training/retrain")
+@admin_required
+def retrain_page():
+    params: dict[str, Any] = {}
+    epochs = (request.form.get("epochs") or "").strip()
+    if epochs:
+        if not epochs.isdigit() or not 1 <= int(epochs) <= 200:
+            flash("Epochs must be a whole number from 1 to 200.", "error")
+            return redirect(url_for("ui.training_page"))
+        params["epochs"] = int(epochs)
+    try:
+        job, created = api_views.start_retrain("ui:admin", params)
+    except HTTPError as exc:
+        flash(_error_of(exc)[1], "error")
+        return redirect(url_for("ui.training_page"))
+    flash("Retraining started." if created else "A retrain is already in progress: showing it.",
+          "success" if created else "info")
+    return redirect(url_for("ui.job_page", job_id=job["id"]))
+
+
+@ui.get("/training/jobs/<job_id>")
+def job_page(job_id: str):
+    job = services.jobs_module().get_job(job_id)
+    if job is None:
+        abort(404)
+    return render_template("job.html", active="training", job=api_views.job_out(job))
+
+
+@ui.get("/training/models/<version>")
+def version_page(version: str):
+    info = next((v for v in api_views.list_versions() if v.version == version), None)
+    if info is None:
+        abort(404)
+    return render_template("version.html", active="training", v=info,
+                           has_cm=bool(info.metrics.get("confusion_matrix")))
+
+
+@ui.get("/training/models/<version>/confusion.png")
+def confusion_png(version: str):
+    from src import registry
+
+    st = services.state()
+    try:
+        meta = registry.read_metadata(registry.version_path(version, st.settings.models_dir))
+    except registry.RegistryError:
+        abort(404)
+    metrics = meta.get("metrics") or {}
+    if not metrics.get("confusion_matrix"):
+        abort(404)
+    path = plots.confusion_png(metrics, st.settings.cache_dir / "plots", version)
+    return send_file(path, mimetype="image/png", max_age=86400)
+
+
+@ui.post("/training/models/<version>/activate")
+@admin_required
+def activate_page(version: str):
+    try:
+        result = api_views.activate_version(version, force=request.form.get("force") == "1")
+    except HTTPError as exc:
+        flash(_error_of(exc)[1], "error")
+    else:
+        flash(f"Now serving {result['version']} (was {result['previous'] or 'nothing'}).",
+              "success")
+    return redirect(url_for("ui.training_page"))
+
+
+# --------------------------------------------------------------------------- dashboard
+
+@ui.get("/dashboard")
+def dashboard_page():
+    health = api_views.health_data()
+    summary = api_views.metrics_summary()
+    return render_template("dashboard.html", active="dashboard", health=health, m=summary,
+                           plots=plots.DASHBOARD_PLOTS)
+
+
+@ui.get("/dashboard/plots/<name>.png")
+def dashboard_plot(name: str):
+    if name not in plots.DASHBOARD_PLOTS:
+        abort(404)
+    image = plots.DASHBOARD_PLOTS[name][1](api_views.metrics_summary())
+    return Response(image, mimetype="image/png", headers={"Cache-Control": "no-store"})
+
+
+# --------------------------------------------------------------------------- login
+
+@ui.route("/login", methods=["GET", "POST"])
+def login():
+    target = safe_next(request.values.get("next"))
+    if request.method == "POST":
+        if check_admin_secret(request.form.get("password", "")):
+            session.clear()
+            session["admin"] = True
+            session.permanent = True
+            flash("Logged in as administrator.", "success")
+            return redirect(target)
+        flash("Wrong password.", "error")
+        return render_template("login.html", active=None, next=target), 401
+    return render_template("login.html", active=None, next=target)
+
+
+@ui.post("/logout")
+def logout():
+    session.clear()
+    flash("Logged out.", "info")
+    return redirect(url_for("ui.index"))
