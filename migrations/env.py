@@ -7,10 +7,14 @@ settings (``URBANSOUND_DATABASE_URL``, default SQLite under ``var/``).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import sys
+from collections.abc import Iterator
 from logging.config import fileConfig
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import context
 from sqlalchemy.pool import NullPool
 
@@ -54,12 +58,29 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+MIGRATION_LOCK = 0x55_53_38_4D  # "US8M"
+
+
+@contextlib.contextmanager
+def sqlite_file_lock(url: sa.URL) -> Iterator[None]:
+    """Every process may run ``upgrade`` at start (web, worker): on SQLite they take turns."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        yield
+        return
+    with open(f"{url.database}.migrate.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_migrations_online() -> None:
     # NullPool: a migration is one short connection; make_engine adds the SQLite pragmas and
     # turns "cannot connect" into a one-line DatabaseUnavailable for the CLI.
     engine = make_engine(database_url(), poolclass=NullPool)
     try:
-        with engine.connect() as connection:
+        with sqlite_file_lock(engine.url), engine.connect() as connection:
             context.configure(
                 connection=connection,
                 target_metadata=target_metadata,
@@ -68,6 +89,11 @@ def run_migrations_online() -> None:
                 include_object=include_object,
             )
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Concurrent upgrades (replicas starting together) run one after the other;
+                    # the second then finds the schema current. Released at commit.
+                    connection.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
+                                       {"k": MIGRATION_LOCK})
                 context.run_migrations()
     finally:
         engine.dispose()
