@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -112,22 +113,29 @@ def _start_of_content_range(value: str | None) -> int | None:
 
 def _request(session: requests.Session, url: str, offset: int, timeout: float
              ) -> requests.Response:
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # identity: byte offsets and Content-Length must count the file's bytes, not gzip's
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     try:
         return session.get(url, headers=headers, stream=True, timeout=timeout)
     except requests.exceptions.Timeout:
         raise NetworkError(f"{urlparse(url).netloc}: no answer within {timeout:g} s.") from None
     except requests.exceptions.ConnectionError as exc:
-        reason = str(exc.args[0]) if exc.args else str(exc)
-        if "Failed to resolve" in reason or "NameResolution" in reason:
-            reason = "host name could not be resolved (no network?)"
-        elif "refused" in reason.lower():
-            reason = "connection refused"
-        else:
-            reason = "connection failed"
-        raise NetworkError(f"cannot reach {urlparse(url).netloc}: {reason}.") from None
+        raise NetworkError(f"cannot reach {urlparse(url).netloc}: {_reason(exc)}.") from None
     except requests.exceptions.RequestException as exc:
         raise NetworkError(f"download of {url} failed: {exc}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """urllib3 nests the OS error three levels deep; users need only its last words."""
+    text = str(exc)
+    if "Failed to resolve" in text or "NameResolution" in text:
+        return "host name could not be resolved (no network?)"
+    if "refused" in text.lower():
+        return "connection refused"
+    found = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    return found[-1].strip() if found else "connection failed"
 
 
 def _blocks(response: requests.Response, chunk: int) -> Iterator[bytes]:

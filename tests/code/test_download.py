@@ -43,6 +43,7 @@ class Served:
     range: str | None
     status: int
     sent: int
+    encoding: str | None = None
 
 
 @dataclass
@@ -74,25 +75,27 @@ class Handler(BaseHTTPRequestHandler):
                 return
             status = 206
         chunk = body[start:]
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(chunk)))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.end_headers()
+        length = len(chunk)
         if state.cut_next_after is not None:
             chunk, state.cut_next_after = chunk[: state.cut_next_after], None
             self.close_connection = True
+        # Logged before answering: once the client has its bytes, the test may read the log.
+        state.log.append(Served(asked, status, len(chunk), self.headers.get("Accept-Encoding")))
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.end_headers()
         self.wfile.write(chunk)
         self.wfile.flush()
-        state.log.append(Served(asked, status, len(chunk)))
 
     def _empty(self, status: int, asked: str | None, headers: dict | None = None) -> None:
+        self.server.state.log.append(Served(asked, status, 0))  # type: ignore[attr-defined]
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
-        self.server.state.log.append(Served(asked, status, 0))  # type: ignore[attr-defined]
 
 
 @pytest.fixture()
@@ -121,6 +124,7 @@ def test_full_download_with_checksums(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD
     assert not dest.with_name("data.bin.part").exists()
     assert [(s.range, s.status, s.sent) for s in state.log] == [(None, 200, len(PAYLOAD))]
+    assert state.log[0].encoding == "identity"  # offsets must count the file's own bytes
 
 
 def test_a_folder_as_dest_takes_the_name_from_the_url(server, tmp_path):
