@@ -39,7 +39,7 @@ def friendly_errors(fn: F) -> F:
             raise
         except KeyboardInterrupt:
             fail("interrupted", 130)
-        except Exception as exc:  # noqa: BLE001 - the whole point is to catch everything
+        except Exception as exc:  # the whole point is to catch everything
             if os.environ.get("URBANSOUND_DEBUG"):
                 raise
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__

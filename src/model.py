@@ -120,7 +120,7 @@ def make_checkpoint(
         "metrics": metrics,
         "data": data,
         "history": history or [],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
 
 
@@ -164,13 +164,14 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 32
     lr: float = 3e-3
-    weight_decay: float = 1e-3
+    weight_decay: float = 1e-2
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.3
     mixup_prob: float = 0.5
     specaugment: bool = True
     waveform_augment: bool = True
     patience: int = 10
+    warmup_fraction: float = 0.3  # patience only counts once the LR has peaked and is falling
     seed: int = 0
     widths: tuple[int, ...] = (16, 32, 64, 128)
     dropout: float = 0.3
@@ -192,7 +193,7 @@ def compile_model(
     )
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=max(1, steps_per_epoch),
-        pct_start=0.2,
+        pct_start=cfg.warmup_fraction,
     )
     weight = None
     if cfg.class_weighting and class_counts is not None:
@@ -289,7 +290,7 @@ def fit(
         f1 = record["val_f1"] if record["val_f1"] is not None else -record["loss"]
         if f1 > best_f1:
             best_f1, best_state, bad_epochs = f1, copy.deepcopy(model.state_dict()), 0
-        else:
+        elif epoch + 1 > cfg.warmup_fraction * cfg.epochs:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:
                 break

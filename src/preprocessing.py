@@ -332,12 +332,23 @@ def augment_waveforms(
 
 def spec_augment(
     x: torch.Tensor, gen: torch.Generator, freq_masks: int = 2, freq_width: int = 8,
-    time_masks: int = 2, time_width: int = 20,
+    time_masks: int = 2, time_width: int = 20, max_band_shift: int = 2, eq_std: float = 0.3,
 ) -> torch.Tensor:
-    """SpecAugment (Park et al. 2019) masks, filled with 0 = the standardised mean."""
+    """SpecAugment masks (Park et al. 2019), filled with 0 = the standardised mean, plus two
+    augmentations against the recording chain: a shift of a few mel bands and a random smooth
+    equaliser curve. UrbanSound8K's folds differ mostly in microphones and places, so a model
+    that tolerates spectral colouring generalises across folds better."""
     n, _, n_mels, n_frames = x.shape
     x = x.clone()
+    if eq_std > 0:
+        pos = torch.linspace(0, math.pi, n_mels).view(1, 1, -1, 1)
+        coef = torch.randn(n, 3, generator=gen) * eq_std
+        curve = sum(coef[:, k].view(-1, 1, 1, 1) * torch.cos(k * pos) for k in range(3))
+        x = x + curve
     for i in range(n):
+        shift = int(torch.randint(-max_band_shift, max_band_shift + 1, (1,), generator=gen))
+        if shift:
+            x[i] = torch.roll(x[i], shift, dims=1)
         for _ in range(freq_masks):
             w = int(torch.randint(0, freq_width + 1, (1,), generator=gen))
             f0 = int(torch.randint(0, max(1, n_mels - w), (1,), generator=gen))
