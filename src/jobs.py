@@ -1,0 +1,770 @@
+"""Retraining jobs: request one, run one, follow one. The service behind ``POST /retrain``,
+``urbansound retrain`` and the Celery task; it knows nothing of Flask or Celery.
+
+Life of a job (a row of ``training_jobs``)::
+
+    queued ──(worker claims it)──> running ──> succeeded   new version promoted and served
+                                          ├──> rejected    the quality gate kept the old model
+                                          └──> failed      an error, a time limit, a dead worker
+
+* **One at a time.** ``request_retrain`` returns the queued/running job when there is one. The
+  database settles races between web replicas: a partial unique index allows one active row
+  (``src.db.get_or_create_job``), on Postgres and on SQLite alike.
+* **Idempotent by job id.** The worker claims a job with one conditional UPDATE
+  (queued → running); a redelivered message for a finished or running job does nothing, so
+  ``acks_late`` redelivery can never train (or promote) twice.
+* **A dead worker never blocks retraining.** A running job has a heartbeat (a thread touches
+  the row every ``job_heartbeat_s``). Jobs whose worker restarted (``recover_orphaned_jobs``,
+  called when a worker starts), whose worker process is gone, or whose heartbeat is older
+  than ``job_stale_after_s`` are marked failed; so are queued jobs no worker picked up within
+  ``job_queue_timeout_s``. The served model is only ever changed by the registry's atomic
+  pointer swap at the very end, so a job that dies at any earlier point changes nothing.
+* **Nothing half-written.** The candidate is published (file + ``candidate`` row) only after a
+  database round trip that proves the job is still ours; the pointer swap, the job's outcome
+  and the uploads it consumed are then recorded in one transaction.
+* **Broker down.** Sending the task is the last step of ``request_retrain``; if it fails, the
+  job is marked failed (so it blocks nothing) and ``BrokerUnavailable`` says what to fix.
+  Accepted uploads are untouched: they wait for the next job.
+
+Data for a retrain: the unused accepted uploads (``src.ingest``) merged with the base training
+data, evaluated on the base model's fixed test set (see ``base_datasets``), so the gate compares
+the candidate and the served model on exactly the same clips.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .db import (
+    ACTIVE_JOB_STATUSES,
+    DatabaseUnavailable,
+    JobStatus,
+    TrainingJob,
+    get_or_create_job,
+    session_scope,
+    utcnow,
+)
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[str], object]
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+# Defaults of the settings this module reads (``Settings`` fields of the same name win).
+DEFAULTS: dict[str, float | int] = {
+    "retrain_base_clips": 1500,  # base training clips mixed into a retrain (0 = all)
+    "job_heartbeat_s": 10.0,  # how often a running job proves it is alive
+    "job_stale_after_s": 120.0,  # a running job silent this long is dead
+    "job_queue_timeout_s": 900.0,  # a queued job no worker took this long fails
+}
+PARAM_LIMITS: dict[str, tuple[type, float, float]] = {
+    "epochs": (int, 1, 200),
+    "lr": (float, 1e-6, 1.0),
+}
+_WORKER_PID = re.compile(r"^(?P<node>.*) \(pid (?P<pid>\d+)\)$")
+
+
+class BrokerUnavailable(Exception):
+    """The job could not be queued (Redis or the embedded broker is unreachable)."""
+
+    def __init__(self, message: str, job: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.job = job
+
+
+class JobParamsError(ValueError):
+    """Bad retrain parameters (unknown name, wrong type, out of range)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class RetrainError(Exception):
+    """A retrain that cannot go on for a reason a person can fix; becomes the job's error."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+# --------------------------------------------------------------------------- settings
+
+def setting(name: str, settings: Settings | None = None) -> Any:
+    """A job setting: the ``Settings`` field if it exists, else ``URBANSOUND_<NAME>`` from the
+    environment, else ``DEFAULTS`` (so this module works before the fields are added)."""
+    settings = settings or get_settings()
+    value = getattr(settings, name, None)
+    if value is not None:
+        return value
+    default = DEFAULTS[name]
+    raw = os.environ.get(f"URBANSOUND_{name.upper()}", "")
+    return type(default)(raw) if raw.strip() else default
+
+
+def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Only ``epochs`` and ``lr`` may be overridden per job; anything else is refused."""
+    clean: dict[str, Any] = {}
+    for key, value in (params or {}).items():
+        if value is None:
+            continue
+        if key not in PARAM_LIMITS:
+            raise JobParamsError(
+                f"Unknown retrain parameter {key!r}; allowed: {', '.join(PARAM_LIMITS)}.")
+        kind, low, high = PARAM_LIMITS[key]
+        try:
+            number = kind(value)
+            if isinstance(value, bool) or (kind is int and number != float(value)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise JobParamsError(f"Retrain parameter {key} must be a number, not {value!r}.") \
+                from None
+        if not low <= number <= high:
+            raise JobParamsError(f"Retrain parameter {key}={number} is outside {low}..{high}.")
+        clean[key] = number
+    return clean
+
+
+# --------------------------------------------------------------------------- reading jobs
+
+def job_to_dict(job: TrainingJob) -> dict[str, Any]:
+    """JSON-ready view of a job; ``done`` tells pollers when to stop."""
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat(timespec="seconds") if value else None
+
+    end = job.finished_at or (utcnow() if job.started_at else None)
+    return {
+        "id": job.id,
+        "status": job.status,
+        "done": job.status not in ACTIVE_JOB_STATUSES,
+        "promoted": {JobStatus.succeeded: True, JobStatus.rejected: False}.get(job.status),
+        "requested_at": iso(job.requested_at),
+        "requested_by": job.requested_by,
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "heartbeat_at": iso(job.heartbeat_at),
+        "duration_s": round((end - job.started_at).total_seconds(), 1)
+        if job.started_at and end else None,
+        "worker": job.worker,
+        "celery_task_id": job.celery_task_id,
+        "params": dict(job.params or {}),
+        "progress": dict(job.progress or {}),
+        "base_version": job.base_version,
+        "result_version": job.result_version,
+        "metrics": job.metrics,
+        "n_new_clips": job.n_new_clips,
+        "message": job.message,
+        "error": job.error,
+    }
+
+
+def get_job(job_id: str, settings: Settings | None = None) -> dict[str, Any] | None:
+    """The job, or None. A stale active job is marked failed first, so a poller following a
+    job whose worker died sees it end instead of waiting forever."""
+    settings = settings or get_settings()
+    with session_scope(settings.db_url) as s:
+        job = s.get(TrainingJob, str(job_id))
+        if job is None:
+            return None
+        if job.status in ACTIVE_JOB_STATUSES and _stale_reason(job, settings):
+            sweep_stale_jobs(s, settings)
+            s.refresh(job)
+        return job_to_dict(job)
+
+
+def list_jobs(limit: int = 20, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Newest first."""
+    settings = settings or get_settings()
+    with session_scope(settings.db_url) as s:
+        rows = s.scalars(sa.select(TrainingJob).order_by(TrainingJob.requested_at.desc())
+                         .limit(max(1, int(limit))))
+        return [job_to_dict(j) for j in rows]
+
+
+def wait_for_job(
+    job_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Poll until the job is done; ``on_update`` sees each new progress state. Raises
+    ``TimeoutError`` after ``timeout_s`` (the job goes on) and ``KeyError`` if it vanished."""
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    last: tuple[Any, ...] | None = None
+    while True:
+        job = get_job(job_id, settings)
+        if job is None:
+            raise KeyError(f"No retrain job {job_id}.")
+        state = (job["status"], job["progress"].get("stage"), job["progress"].get("epoch"))
+        if on_update and state != last:
+            on_update(job)
+        last = state
+        if job["done"]:
+            return job
+        if deadline and time.monotonic() > deadline:
+            raise TimeoutError(f"Job {job_id} is still {job['status']} after {timeout_s:.0f} s.")
+        time.sleep(poll_s)
+
+
+# --------------------------------------------------------------------------- stale jobs
+
+def _age_s(when: datetime | None) -> float | None:
+    return None if when is None else (utcnow() - when).total_seconds()
+
+
+def _stale_reason(job: TrainingJob, settings: Settings) -> str | None:
+    if job.status == JobStatus.running:
+        age = _age_s(job.heartbeat_at or job.started_at)
+        limit = float(setting("job_stale_after_s", settings))
+        if age is not None and age > limit:
+            return (f"The worker running this job ({job.worker or 'unknown'}) stopped sending "
+                    f"heartbeats {age:.0f} s ago: it was killed or crashed mid-job. The served "
+                    "model was not changed; request a new retrain.")
+    elif job.status == JobStatus.queued:
+        age = _age_s(job.requested_at)
+        limit = float(setting("job_queue_timeout_s", settings))
+        if age is not None and age > limit:
+            return (f"No worker picked this job up within {limit:.0f} s. Is a worker running "
+                    "(`urbansound worker`) against the same broker? Request a new retrain.")
+    return None
+
+
+def sweep_stale_jobs(session: Any, settings: Settings | None = None) -> list[str]:
+    """Fail active jobs whose worker is gone (see ``_stale_reason``); flushes, caller commits."""
+    settings = settings or get_settings()
+    failed = []
+    query = sa.select(TrainingJob).where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))
+    for job in session.scalars(query):
+        reason = _stale_reason(job, settings)
+        if reason:
+            _mark_failed(job, reason)
+            failed.append(job.id)
+            log.warning("retrain job %s marked failed: %s", job.id, reason)
+    session.flush()
+    return failed
+
+
+def recover_orphaned_jobs(worker: str, settings: Settings | None = None) -> list[str]:
+    """Run when a worker starts: any job this worker node was running died with its previous
+    incarnation (a starting worker runs nothing yet), so it is marked failed now rather than
+    after the heartbeat timeout. Jobs of other, live workers are left alone."""
+    settings = settings or get_settings()
+    failed = []
+    with session_scope(settings.db_url) as s:
+        running = s.scalars(sa.select(TrainingJob).where(TrainingJob.status == JobStatus.running))
+        for job in running:
+            if _node_of(job.worker) == worker:
+                _mark_failed(job, (
+                    f"The worker {worker} restarted while running this job: it was killed or "
+                    "crashed mid-job. The served model was not changed; request a new retrain."))
+                failed.append(job.id)
+        failed += sweep_stale_jobs(s, settings)
+    for job_id in failed:
+        log.warning("retrain job %s marked failed at the start of worker %s", job_id, worker)
+    return failed
+
+
+def _node_of(worker: str | None) -> str | None:
+    match = _WORKER_PID.match(worker or "")
+    return match.group("node") if match else worker
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mark_failed(job: TrainingJob, reason: str) -> None:
+    job.status = JobStatus.failed
+    job.finished_at = utcnow()
+    job.error = reason
+    job.message = f"Failed: {reason}"
+
+
+# --------------------------------------------------------------------------- requesting
+
+_sender: Sender | None = None
+
+
+def set_sender(send: Sender | None) -> None:
+    """Install how jobs are queued (the web app may pass its own); None restores Celery's."""
+    global _sender
+    _sender = send
+
+
+def _celery_send(job_id: str) -> object:
+    from worker.celery_app import send_retrain  # lazy: src must not need Celery to import
+
+    return send_retrain(job_id)
+
+
+def _broker_name(settings: Settings) -> str:
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", settings.celery_broker)
+
+
+def check_broker(settings: Settings | None = None) -> None:
+    """Readiness probe: raises ``BrokerUnavailable`` unless the task broker answers within a
+    few seconds (no message is sent)."""
+    settings = settings or get_settings()
+    try:
+        from worker.celery_app import ping_broker  # lazy, like the sender
+
+        ping_broker(settings)
+    except Exception as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise BrokerUnavailable(
+            f"The task broker at {_broker_name(settings)} is unreachable ({reason}); "
+            "retraining cannot be queued until it is back.") from exc
+
+
+def request_retrain(
+    requested_by: str = "", params: dict[str, Any] | None = None, *,
+    send: Sender | None = None, settings: Settings | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Queue a retrain, or return the one already queued/running: ``(job, created)``.
+
+    Raises ``JobParamsError`` for bad ``params`` (``epochs``, ``lr``), ``DatabaseUnavailable``
+    when the database is down (nothing written, nothing sent) and ``BrokerUnavailable`` when
+    the task cannot be queued (the job is then recorded as failed so it blocks nothing).
+    """
+    settings = settings or get_settings()
+    clean = validate_params(params)
+    with session_scope(settings.db_url) as s:
+        sweep_stale_jobs(s, settings)
+        job, created = get_or_create_job(s, clean, (requested_by or "")[:200])
+        if created:  # the Celery task id is the job id: set it before anything can run
+            job.celery_task_id = job.id
+        data = job_to_dict(job)
+    if not created:
+        return data, False
+    try:
+        (send or _sender or _celery_send)(job.id)
+    except Exception as exc:  # any failure to queue means the job cannot run
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        message = (f"Could not queue the retrain job: the task broker at {_broker_name(settings)}"
+                   f" is unreachable ({reason}). Start Redis (or the configured broker) and "
+                   "try again; accepted uploads are kept.")
+        data = _fail_unqueued(job.id, message, settings) or data
+        raise BrokerUnavailable(message, data) from exc
+    log.info("queued retrain job %s (requested by %s)", job.id, requested_by or "-")
+    return data, True
+
+
+def _fail_unqueued(job_id: str, message: str, settings: Settings) -> dict[str, Any] | None:
+    try:
+        with session_scope(settings.db_url) as s:
+            job = s.get(TrainingJob, job_id)
+            if job is not None and job.status == JobStatus.queued:
+                _mark_failed(job, message)
+            return job_to_dict(job) if job is not None else None
+    except DatabaseUnavailable:  # the queued row then times out via job_queue_timeout_s
+        log.exception("could not mark unqueued job %s failed", job_id)
+        return None
+
+
+# --------------------------------------------------------------------------- running
+
+def run_retrain(
+    job_id: str, on_progress: ProgressCallback | None = None, *, worker: str = "",
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Run job ``job_id`` to its end and return it (``status`` succeeded/rejected/failed).
+
+    Safe to call again with the same id: a finished job, or one running in a live process, is
+    returned untouched with ``skipped`` saying why. ``worker`` names the Celery node (for the
+    restart recovery); ``on_progress`` receives each progress dict (the task forwards it to
+    Celery's task state). Raises only if the outcome cannot be recorded (database down).
+    """
+    settings = settings or get_settings()
+    me = f"{worker or socket.gethostname()} (pid {os.getpid()})"
+    skipped = _db_retry(_claim, job_id, me, settings, attempts=3)
+    if skipped is not None:
+        return skipped
+    log.info("retrain job %s started on %s", job_id, me)
+    heartbeat = _Heartbeat(job_id, settings)
+    heartbeat.start()
+    try:
+        _execute(job_id, me, on_progress, settings)
+    except BaseException as exc:
+        reason = _failure_reason(exc, settings)
+        log.error("retrain job %s failed: %s", job_id, reason, exc_info=not isinstance(
+            exc, RetrainError | DatabaseUnavailable))
+        if not _record_failure(job_id, me, reason, settings) or not isinstance(exc, Exception):
+            raise
+    finally:
+        heartbeat.stop()
+    return get_job(job_id, settings) or {"id": job_id}
+
+
+def _claim(job_id: str, me: str, settings: Settings) -> dict[str, Any] | None:
+    """queued → running in one conditional UPDATE; None if claimed, else why not (a dict)."""
+    now = utcnow()
+    with session_scope(settings.db_url) as s:
+        claimed = s.execute(
+            sa.update(TrainingJob)
+            .where(TrainingJob.id == job_id, TrainingJob.status == JobStatus.queued)
+            .values(status=JobStatus.running, started_at=now, heartbeat_at=now, worker=me,
+                    progress={"stage": "starting"})
+        ).rowcount
+        if claimed == 1:
+            return None
+        job = s.get(TrainingJob, job_id)
+        if job is None:
+            return {"id": job_id, "status": None, "skipped": "no such job"}
+        if job.status == JobStatus.running and job.worker == me:
+            _mark_failed(job, (
+                "An earlier attempt of this job in this worker process ended without recording "
+                "its outcome (the database was unreachable at the end?). The served model was "
+                "not changed; request a new retrain."))
+            why = "an earlier attempt in this process ended unrecorded; job marked failed"
+        elif job.status == JobStatus.running and _orphaned(job, settings):
+            _mark_failed(job, (
+                f"The worker process running this job ({job.worker}) died mid-job (killed or "
+                "out of memory); its task was redelivered, but a crashed job is not retried "
+                "automatically. The served model was not changed; request a new retrain."))
+            why = "the previous attempt died; job marked failed"
+        elif job.status == JobStatus.running:
+            why = f"already running on {job.worker}"
+        else:
+            why = f"already {job.status}"
+        log.warning("retrain job %s not run: %s", job_id, why)
+        return {**job_to_dict(job), "skipped": why}
+
+
+def _orphaned(job: TrainingJob, settings: Settings) -> bool:
+    """A redelivered running job is dead if its heartbeat is stale, or if it ran on this host
+    in a process that no longer exists (a pool child killed by the OOM killer)."""
+    if _stale_reason(job, settings):
+        return True
+    match = _WORKER_PID.match(job.worker or "")
+    same_host = match and match.group("node").split("@")[-1] == socket.gethostname()
+    return bool(same_host and not _pid_alive(int(match.group("pid"))))
+
+
+class _Heartbeat:
+    """Touches ``heartbeat_at`` from a thread, so a long epoch is not mistaken for death."""
+
+    def __init__(self, job_id: str, settings: Settings):
+        self.job_id, self.url = job_id, settings.db_url
+        self.interval = float(setting("job_heartbeat_s", settings))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with session_scope(self.url) as s:
+                    s.execute(sa.update(TrainingJob)
+                              .where(TrainingJob.id == self.job_id,
+                                     TrainingJob.status == JobStatus.running)
+                              .values(heartbeat_at=utcnow()))
+            except Exception as exc:  # a missed beat is not fatal
+                log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
+
+
+def _report(job_id: str, progress: dict[str, Any], on_progress: ProgressCallback | None,
+            settings: Settings) -> None:
+    """Progress goes to the job row and to ``on_progress``; neither failing stops training
+    (a database blip mid-job is survivable: the outcome is written at the end)."""
+    try:
+        with session_scope(settings.db_url) as s:
+            s.execute(sa.update(TrainingJob)
+                      .where(TrainingJob.id == job_id, TrainingJob.status == JobStatus.running)
+                      .values(progress=progress, heartbeat_at=utcnow()))
+    except Exception as exc:
+        log.warning("could not record progress of job %s: %s", job_id, exc)
+    if on_progress is not None:
+        try:
+            on_progress(dict(progress, job_id=job_id))
+        except Exception as exc:
+            log.warning("progress callback of job %s failed: %s", job_id, exc)
+
+
+def _update(job_id: str, settings: Settings, **values: Any) -> None:
+    with session_scope(settings.db_url) as s:
+        s.execute(sa.update(TrainingJob).where(TrainingJob.id == job_id).values(**values))
+
+
+def _failure_reason(exc: BaseException, settings: Settings) -> str:
+    name = type(exc).__name__
+    if name == "SoftTimeLimitExceeded":  # Celery's, matched by name: src does not import it
+        return (f"The retrain exceeded its time limit ({settings.retrain_soft_limit_s} s, "
+                "URBANSOUND_RETRAIN_SOFT_LIMIT_S) and was stopped; the served model was not "
+                "changed. Lower retrain_base_clips/epochs or raise the limit.")
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        return "The worker was shut down mid-job; the served model was not changed."
+    message = getattr(exc, "message", None) or str(exc)
+    message = " ".join(str(message).split())
+    if isinstance(exc, RetrainError | DatabaseUnavailable):
+        return message
+    return f"{name}: {message}" if message else name
+
+
+def _record_failure(job_id: str, me: str, reason: str, settings: Settings) -> bool:
+    """Mark our job failed; False if the database cannot be reached (the stale sweep will)."""
+    try:
+        with session_scope(settings.db_url) as s:
+            job = s.get(TrainingJob, job_id)
+            if job is not None and job.status == JobStatus.running and job.worker == me:
+                _mark_failed(job, reason)
+        return True
+    except Exception:
+        log.exception("could not record the failure of job %s", job_id)
+        return False
+
+
+def _execute(job_id: str, me: str, on_progress: ProgressCallback | None,
+             settings: Settings) -> None:
+    """The retrain proper; every early exit raises, and nothing is served until the end."""
+    from . import registry
+    from .model import load_checkpoint, save_checkpoint
+    from .train import retrain
+
+    with session_scope(settings.db_url) as s:
+        params = dict(s.get(TrainingJob, job_id).params or {})
+    epochs = int(params.get("epochs") or settings.retrain_epochs)
+    lr = float(params.get("lr") or settings.retrain_lr)
+    _report(job_id, {"stage": "loading data", "epoch": 0, "epochs": epochs}, on_progress, settings)
+
+    base_version, base_path = registry.current(settings.models_dir)
+    base = load_checkpoint(base_path)
+    train_clips, test_clips, test_how = base_datasets(base, settings)
+    new_clips, clip_ids = _new_uploads(settings)
+    train_clips = subsample(train_clips, int(setting("retrain_base_clips", settings)))
+    _update(job_id, settings, base_version=base_version, n_new_clips=len(new_clips))
+
+    _report(job_id, {"stage": "evaluating the served model", "epoch": 0, "epochs": epochs},
+            on_progress, settings)
+    served = evaluate_checkpoint(base, test_clips, settings.cache_dir)
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        _report(job_id, {"stage": "training", **_epoch_progress(record)}, on_progress, settings)
+
+    version = registry.new_version_name()
+    result = retrain(base, new_clips, train_clips, test_clips, version, epochs=epochs, lr=lr,
+                     cache_dir=settings.cache_dir, on_epoch=on_epoch)
+    _report(job_id, {"stage": "publishing", "epoch": len(result.history), "epochs": epochs},
+            on_progress, settings)
+    ckpt = dict(result.checkpoint, torch=str(result.checkpoint.get("torch", "")))  # plain str:
+    # torch.__version__ is a TorchVersion, which weights_only loading refuses
+    tmp = save_checkpoint(ckpt, settings.state_dir / "tmp" / f"{version}.pt")
+    try:
+        _db_retry(_publish, job_id, me, tmp, version, settings)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _db_retry(_decide, job_id, me, version, base_version, result.test_metrics, served, clip_ids,
+              {"test": test_how, "n_train_base": len(train_clips), "n_new": len(new_clips),
+               "epochs_run": len(result.history), "epochs": epochs, "lr": lr}, settings)
+
+
+def _db_retry(fn: Callable[..., Any], *args: Any, attempts: int = 4) -> Any:
+    """Run a unit of work again after a short wait if the database was unreachable: after a
+    long training, a database restart of a few seconds must not throw the result away. Each
+    unit starts with a read, so a failed attempt has written nothing."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args)
+        except DatabaseUnavailable as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("database unavailable (%s); retrying in %d s", exc.message, 2**attempt)
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _publish(job_id: str, me: str, tmp: Path, version: str, settings: Settings) -> None:
+    """Copy the candidate into the registry (file + ``candidate`` row), if the job is still
+    ours: the round trip comes first, so a down database stops us before any file is written.
+    Publishing the same bytes twice is a no-op, so a retry is harmless."""
+    from . import registry
+
+    with session_scope(settings.db_url) as s:
+        _still_ours(s, job_id, me)
+        registry.publish(tmp, version, models_dir=settings.models_dir, session=s,
+                         job_id=job_id)
+
+
+def _epoch_progress(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("epoch", "epochs", "loss", "val_f1", "val_accuracy", "val_loss", "seconds")
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k in keys
+            if (v := record.get(k)) is not None}
+
+
+def _still_ours(session: Any, job_id: str, me: str) -> TrainingJob:
+    job = session.get(TrainingJob, job_id, with_for_update=True)
+    if job is None or job.status != JobStatus.running or job.worker != me:
+        raise RetrainError(
+            f"Job {job_id} was {'deleted' if job is None else 'marked ' + job.status} while it "
+            "trained (its heartbeat was taken for dead?); the candidate was discarded.")
+    return job
+
+
+def _decide(job_id: str, me: str, version: str, base_version: str, cand: dict[str, Any],
+            served: dict[str, Any], clip_ids: list[int], extra: dict[str, Any],
+            settings: Settings) -> None:
+    """The quality gate, then one transaction: pointer swap or rejection marker, job outcome,
+    uploads marked with the job that used them."""
+    from . import registry
+    from .ingest import mark_used
+
+    margin = float(settings.gate_margin)
+    c_f1, s_f1 = float(cand["macro_f1"]), float(served["macro_f1"])
+    scores = (f"macro-F1 {c_f1:.4f} (accuracy {cand['accuracy']:.3f}) vs {s_f1:.4f} (accuracy "
+              f"{served['accuracy']:.3f}) for the served {base_version}, on the fixed test set "
+              f"({extra['test']}, n={cand['n']}); gate: candidate >= served - {margin:g}")
+    promote = c_f1 >= s_f1 - margin
+    with session_scope(settings.db_url) as s:
+        job = _still_ours(s, job_id, me)
+        now_served = registry.current(settings.models_dir)[0]
+        if promote and now_served not in (base_version, version):  # (version: a retry)
+            promote = False
+            scores += (f"; but the served model changed to {now_served} during the job, so the "
+                       "comparison no longer holds")
+        if promote:
+            registry.activate(version, models_dir=settings.models_dir, session=s)
+            job.status, job.message = JobStatus.succeeded, f"Promoted {version}: {scores}."
+        else:
+            registry.reject(version, f"quality gate: {scores}", models_dir=settings.models_dir,
+                            session=s)
+            job.status = JobStatus.rejected
+            job.message = f"Rejected {version}; {base_version} stays served: {scores}."
+        mark_used(s, clip_ids, job_id)
+        job.result_version = version
+        job.finished_at = utcnow()
+        job.metrics = {"candidate": _summary(cand), "served": _summary(served),
+                       "gate_margin": margin, "promoted": promote, **extra}
+        job.progress = dict(job.progress or {}, stage="done")
+    log.info("retrain job %s: %s", job_id, job.message)
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("n", "accuracy", "macro_f1", "loss", "precision", "recall")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+# --------------------------------------------------------------------------- data
+
+def base_datasets(base: dict[str, Any], settings: Settings) -> tuple[list, list, str]:
+    """(train, test, description) for a retrain of ``base``.
+
+    The test set is the base model's own: if its metrics name ``test_folds`` and the data
+    folder has folds, test = those folds and train = the rest; else ``data_dir/test`` and
+    ``data_dir/train``. Without test clips there is no fair gate, so the job fails.
+    """
+    from .datasets import DatasetError, read_class_folders, read_dataset
+
+    data_dir = Path(settings.data_dir)
+    folds = set((base.get("metrics") or {}).get("test_folds") or [])
+    if folds and data_dir.is_dir():
+        try:
+            clips = read_dataset(data_dir)
+        except DatasetError:
+            clips = []
+        if any(c.fold is not None for c in clips):
+            test = [c for c in clips if c.fold in folds]
+            if not test:
+                raise RetrainError(
+                    f"The served model was tested on fold(s) {sorted(folds)}, but {data_dir} "
+                    "has no clips of those folds: there is no fixed test set to gate on. Point "
+                    "URBANSOUND_DATA_DIR at the data the model was trained with.")
+            return [c for c in clips if c.fold not in folds], test, \
+                f"{data_dir} fold(s) {sorted(folds)}"
+    test_dir, train_dir = data_dir / "test", data_dir / "train"
+    try:
+        test = read_class_folders(test_dir) if test_dir.is_dir() else []
+        train = read_class_folders(train_dir) if train_dir.is_dir() else []
+    except DatasetError as exc:
+        raise RetrainError(str(exc)) from None
+    if not test:
+        where = f"fold(s) {sorted(folds)} of {data_dir} or " if folds else ""
+        raise RetrainError(
+            f"No fixed test set: found no clips in {where}{test_dir}. The quality gate needs "
+            "held-out clips (class-per-folder under data/test, or the base model's test folds "
+            "in URBANSOUND_DATA_DIR).")
+    return train, test, str(test_dir)
+
+
+def _new_uploads(settings: Settings) -> tuple[list, list[int]]:
+    """Unused accepted uploads as training clips, and their ids (to mark them used)."""
+    from .ingest import clips_as_dataset, unused_clips
+
+    with session_scope(settings.db_url) as s:
+        rows = unused_clips(s)
+        clips = clips_as_dataset(rows, settings.uploads_dir)
+    on_disk = {c.path for c in clips}
+    ids = [r.id for r in rows if settings.uploads_dir / r.path in on_disk]
+    if not clips:
+        raise RetrainError(
+            "No new accepted uploads to learn from since the last successful retrain. Upload "
+            "labelled clips first (`urbansound data upload DIR` or the upload page).")
+    return clips, ids
+
+
+def subsample(clips: list, n: int, seed: int = 0) -> list:
+    """At most ``n`` clips (0 = all), drawn with a fixed seed so every retrain of a base sees
+    the same subset and time per retrain stays bounded however large the data set grows."""
+    if n <= 0 or len(clips) <= n:
+        return list(clips)
+    picked = random.Random(seed).sample(range(len(clips)), n)
+    return [clips[i] for i in sorted(picked)]
+
+
+def evaluate_checkpoint(ckpt: dict[str, Any], clips: list, cache_dir: Path | None) -> dict:
+    """Metrics of a checkpoint on ``clips``: the served side of the gate."""
+    from .model import build_model, evaluate_model
+    from .train import Split, set_threads
+
+    set_threads()
+    model = build_model(ckpt)
+    split = Split.load(clips, model.config, cache_dir, progress=False)
+    if not len(split.clips):
+        raise RetrainError("None of the test clips could be decoded; the gate cannot run.")
+    return evaluate_model(model, split.x, split.y, tuple(ckpt["classes"]))
+
+
+__all__ = [
+    "BrokerUnavailable",
+    "JobParamsError",
+    "RetrainError",
+    "base_datasets",
+    "check_broker",
+    "evaluate_checkpoint",
+    "get_job",
+    "job_to_dict",
+    "list_jobs",
+    "recover_orphaned_jobs",
+    "request_retrain",
+    "run_retrain",
+    "set_sender",
+    "setting",
+    "subsample",
+    "sweep_stale_jobs",
+    "validate_params",
+    "wait_for_job",
+]

@@ -1,0 +1,80 @@
+"""The retrain task: a thin adapter from a Celery message to ``src.jobs.run_retrain``.
+
+All decisions (idempotency, the quality gate, the atomic swap, stale-job recovery) live in
+``src.jobs`` so they are tested without Celery; this module adds only what is Celery's: the
+time limits, task state for Flower/``AsyncResult`` and the worker-start recovery hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from celery.signals import worker_process_init, worker_ready
+
+from src import jobs
+from src.db import DatabaseUnavailable
+from src.settings import get_settings
+
+from .celery_app import RETRAIN_TASK
+
+log = logging.getLogger(__name__)
+_settings = get_settings()
+DB_RETRY_COUNTDOWN_S = 30  # a database restart; the job is claimed (or found dead) on retry
+DB_MAX_RETRIES = 10
+
+
+class RetrainFailed(Exception):
+    """Raised after the job row says ``failed``, so Celery (and Flower) agree: FAILURE."""
+
+
+@shared_task(
+    bind=True,
+    name=RETRAIN_TASK,
+    acks_late=True,
+    soft_time_limit=_settings.retrain_soft_limit_s,
+    time_limit=_settings.retrain_hard_limit_s,
+)
+def retrain(self: Task, job_id: str) -> dict[str, Any]:
+    """Run retrain job ``job_id``; redeliveries of a finished or running job are no-ops."""
+
+    def progress(meta: dict[str, Any]) -> None:
+        self.update_state(state="PROGRESS", meta=meta)
+
+    try:
+        job = jobs.run_retrain(job_id, on_progress=progress,
+                               worker=self.request.hostname or "")
+    except DatabaseUnavailable as exc:  # down before the outcome could be recorded: try later
+        raise self.retry(exc=exc, countdown=DB_RETRY_COUNTDOWN_S,
+                         max_retries=DB_MAX_RETRIES) from exc
+    if job.get("status") == "failed" and not job.get("skipped"):
+        raise RetrainFailed(job.get("error") or job.get("message") or "retrain failed")
+    keys = ("id", "status", "message", "result_version", "base_version", "skipped")
+    return {k: job.get(k) for k in keys}
+
+
+@worker_process_init.connect
+def allow_child_processes(**_: Any) -> None:
+    """Celery's prefork pool children are daemonic, and Python forbids daemonic processes to
+    start processes; the ML core decodes clips with a process pool (``src.features``), which
+    it joins before returning. Clearing the flag in the pool child is the usual remedy
+    (celery#4525); a hard time limit or ``kill -9`` of the worker's group ends them all."""
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False
+
+
+@worker_ready.connect
+def fail_jobs_of_previous_run(sender: Any = None, **_: Any) -> None:
+    """A worker that starts runs nothing yet: jobs its node was running died with it."""
+    hostname = getattr(sender, "hostname", None)
+    if not hostname:
+        return
+    try:
+        failed = jobs.recover_orphaned_jobs(hostname)
+    except Exception:  # never stop a worker from starting because of this
+        log.exception("could not check for retrain jobs orphaned by a previous run")
+        return
+    if failed:
+        log.warning("marked %d orphaned retrain job(s) failed: %s", len(failed), failed)
