@@ -33,6 +33,9 @@ loglevel = os.environ.get("URBANSOUND_LOG_LEVEL", "info")
 wsgi_app = "web:create_app()"
 proc_name = "urbansound-web"
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn >= 24 opens a control socket at one fixed path per user: several servers on one
+# machine (the stack's replicas, tests) would fight over it, and nothing here uses it.
+control_socket_disable = True
 
 
 def on_starting(server) -> None:

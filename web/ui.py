@@ -42,8 +42,8 @@ PLAYER_MAX_BYTES = 8 << 20  # larger clips are classified but not echoed back in
 
 @ui.app_context_processor
 def _globals() -> dict[str, Any]:
-    return {"admin": is_admin(),
-            "served_version": services.state().predictors.current_version}
+    predictor = services.state().predictor()  # loaded once per process (gunicorn: at boot)
+    return {"admin": is_admin(), "served_version": predictor.version if predictor else None}
 
 
 def _error_of(exc: HTTPError) -> tuple[str, str]:
