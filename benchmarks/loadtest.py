@@ -1,0 +1,246 @@
+"""Load test: the same Locust profile against 1, 2 and 4 replicas behind nginx.
+
+    .venv/bin/python benchmarks/loadtest.py [--replicas 1 2 4] [--users 12] [--duration 60]
+
+For each replica count it brings the local topology up with ``urbansound stack up --replicas
+N`` (nginx + N gunicorn replicas + Celery worker + Flower, against the Postgres and Redis
+that ``URBANSOUND_DATABASE_URL`` / ``URBANSOUND_BROKER_URL`` name, serving the model of
+``URBANSOUND_MODELS_DIR``), warms every replica up, runs ``locustfile.py`` headless with the
+same users and duration, and stops the stack with ``urbansound stack down``. Then it writes
+
+* ``artifacts/loadtest/results.csv``: replicas, workers per replica, users, duration,
+  requests, failures, success rate, requests/s, predictions/s, prediction latency
+  p50/p95/p99 (ms), aggregated p95, and how evenly nginx spread predictions over replicas;
+* ``artifacts/loadtest/results.png``: throughput and latency against the replica count, with
+  the issue's floors (100 predictions/s, p95 150 ms) drawn in;
+* ``artifacts/loadtest/results.md``: the markdown table (also printed) with the machine.
+
+Everything targets 127.0.0.1 only, and every loop is bounded: Locust stops itself after
+``--duration`` (and is killed 60 s later if it does not), each ``stack`` command has a
+timeout, and the stack is taken down even when a run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDICT = "POST /api/v1/predict"
+FIELDS = ["replicas", "workers_per_replica", "torch_threads", "users", "duration_s",
+          "requests", "failures", "success_rate", "requests_per_s", "predictions",
+          "predictions_per_s", "p50_ms", "p95_ms", "p99_ms", "all_p95_ms", "replica_share",
+          "model_versions"]
+
+
+def machine() -> str:
+    """One line: CPU model, cores this process may use, memory, load before the run."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0))
+    try:
+        mem_kb = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text()
+                          .splitlines() if ln.startswith("MemTotal")))
+        mem = f"{mem_kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        mem = "? RAM"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{model}, {cores} cores, {mem}, Linux {platform.release()} (load avg before: {load})"
+
+
+def urbansound(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "src.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def find_clips(folder: Path, n: int) -> list[Path]:
+    exts = {".wav", ".flac", ".ogg", ".mp3"}
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)[:n]
+
+
+def warm_up(url: str, clips: list[Path], rounds: int) -> None:
+    """A few sequential predictions so every replica's first requests (allocator, caches)
+    are not part of the measurement."""
+    for i in range(rounds):
+        clip = clips[i % len(clips)]
+        req = urllib.request.Request(f"{url}/api/v1/predict", data=clip.read_bytes(),
+                                     headers={"Content-Type": "audio/flac"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            r.read()
+
+
+def read_stats(prefix: Path) -> dict[str, dict[str, str]]:
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+def run_locust(url: str, args: argparse.Namespace, prefix: Path) -> tuple[dict, dict]:
+    summary = prefix.with_suffix(".summary.json")
+    argv = [sys.executable, "-m", "locust", "-f", str(ROOT / "locustfile.py"), "--host", url,
+            "--headless", "-u", str(args.users), "-r", str(args.users),
+            "-t", f"{args.duration}s", "--stop-timeout", "10", "--only-summary",
+            "--csv", str(prefix), "--clips", str(args.clips), "--think-ms", args.think_ms,
+            "--summary-out", str(summary), "--loglevel", "WARNING"]
+    out = subprocess.run(argv, cwd=ROOT, text=True, capture_output=True,
+                         timeout=args.duration + 90)
+    (prefix.parent / f"{prefix.name}.locust.log").write_text(out.stdout + out.stderr)
+    if not Path(f"{prefix}_stats.csv").is_file():
+        raise RuntimeError(f"locust wrote no statistics (exit {out.returncode}): "
+                           f"{(out.stderr or out.stdout)[-500:]}")
+    seen = json.loads(summary.read_text()) if summary.is_file() else {}
+    return read_stats(prefix), seen
+
+
+def row_for(n: int, workers: int, threads: int, args: argparse.Namespace,
+            stats: dict[str, dict[str, str]], seen: dict[str, Any]) -> dict[str, Any]:
+    agg, pred = stats["Aggregated"], stats.get(PREDICT, {})
+    requests, failures = int(agg["Request Count"]), int(agg["Failure Count"])
+    shares = sorted((seen.get("upstreams") or {}).values(), reverse=True)
+    total = sum(shares) or 1
+    return {
+        "replicas": n, "workers_per_replica": workers, "torch_threads": threads,
+        "users": args.users, "duration_s": args.duration,
+        "requests": requests, "failures": failures,
+        "success_rate": round(100.0 * (requests - failures) / max(1, requests), 3),
+        "requests_per_s": round(float(agg["Requests/s"]), 1),
+        "predictions": int(pred.get("Request Count", 0)),
+        "predictions_per_s": round(float(pred.get("Requests/s", 0.0)), 1),
+        "p50_ms": float(pred.get("50%", "nan")), "p95_ms": float(pred.get("95%", "nan")),
+        "p99_ms": float(pred.get("99%", "nan")), "all_p95_ms": float(agg["95%"]),
+        "replica_share": "/".join(f"{100 * s / total:.0f}" for s in shares),
+        "model_versions": ";".join(sorted(seen.get("versions") or {})),
+    }
+
+
+def one_run(n: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from src.stack import torch_threads, workers_per_replica
+
+    workers = args.workers or workers_per_replica(n)
+    threads = int(os.environ.get("URBANSOUND_TORCH_THREADS") or torch_threads(n, workers))
+    up_args = ["stack", "up", "--replicas", str(n), "--port", str(args.port),
+               "--flower-port", str(args.flower_port), "--timeout", "300"]
+    if args.workers:
+        up_args += ["--workers", str(args.workers)]
+    if args.threads:
+        up_args += ["--threads", str(args.threads)]
+    print(f"== {n} replica(s): stack up ...", flush=True)
+    started = urbansound(*up_args, timeout=420)
+    if started.returncode != 0:
+        raise RuntimeError(f"stack up --replicas {n} failed: {started.stderr.strip()}")
+    try:
+        url = f"http://127.0.0.1:{args.port}"
+        warm_up(url, find_clips(args.clips, 20), rounds=10 * n)
+        time.sleep(2)
+        print(f"   locust: {args.users} users, {args.duration} s ...", flush=True)
+        stats, seen = run_locust(url, args, out / f"locust_{n}")
+    finally:
+        stopped = urbansound("stack", "down", timeout=120)
+        if stopped.returncode != 0:
+            print(f"warning: stack down: {stopped.stderr.strip()}", file=sys.stderr)
+    row = row_for(n, workers, threads, args, stats, seen)
+    print(f"   {row['predictions_per_s']} predictions/s, p95 {row['p95_ms']:.0f} ms, "
+          f"success {row['success_rate']}%", flush=True)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], description: str, args: argparse.Namespace) -> str:
+    lines = [
+        f"Machine: {description}. Locust ({args.users} users, closed loop, think time "
+        f"{args.think_ms} ms, {args.duration} s per run) runs on the same machine.",
+        "",
+        "| replicas | workers x torch threads | req/s (all) | predictions/s | predict p50 ms "
+        "| p95 ms | p99 ms | success | spread over replicas (%) |",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['replicas']} | {r['workers_per_replica']} x {r['torch_threads']} | "
+            f"{r['requests_per_s']:.1f} | {r['predictions_per_s']:.1f} | {r['p50_ms']:.0f} | "
+            f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['success_rate']:.2f}% | "
+            f"{r['replica_share']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["replicas"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    labels = [str(x) for x in n]
+    a.bar(labels, [r["predictions_per_s"] for r in rows], color="#2b6cb0",
+          label="predictions/s")
+    a.plot(labels, [r["requests_per_s"] for r in rows], "o-", color="#444",
+           label="all requests/s")
+    a.axhline(100, ls="--", color="#c53030", lw=1, label="floor: 100 predictions/s")
+    a.set_xlabel("replicas")
+    a.set_ylabel("per second")
+    a.set_title("Throughput")
+    a.legend(fontsize=8)
+    for key, style in (("p50_ms", "o-"), ("p95_ms", "s-"), ("p99_ms", "^-")):
+        b.plot(labels, [r[key] for r in rows], style, label=key.replace("_ms", ""))
+    b.axhline(150, ls="--", color="#c53030", lw=1, label="floor: p95 150 ms")
+    b.set_xlabel("replicas")
+    b.set_ylabel("prediction latency, ms")
+    b.set_title("Latency through nginx")
+    b.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--users", type=int, default=12, help="Concurrent Locust clients.")
+    p.add_argument("--duration", type=int, default=60, help="Seconds of load per run.")
+    p.add_argument("--think-ms", default="0", help="Pause between a client's requests.")
+    p.add_argument("--clips", type=Path, default=ROOT.parent / "shared" / "us8k")
+    p.add_argument("--port", type=int, default=18080, help="nginx port (127.0.0.1).")
+    p.add_argument("--flower-port", type=int, default=18555)
+    p.add_argument("--workers", type=int, default=0, help="gunicorn workers per replica "
+                   "(0: cores / replicas).")
+    p.add_argument("--threads", type=int, default=0, help="gthread threads per worker.")
+    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "loadtest")
+    args = p.parse_args(argv)
+    if not 1 <= args.duration <= 600 or not 1 <= args.users <= 200:
+        p.error("--duration must be 1-600 s and --users 1-200 (bounded load only)")
+    if not find_clips(args.clips, 1):
+        p.error(f"no audio clips under {args.clips}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    description = machine()
+    rows = [one_run(n, args, args.out) for n in args.replicas]
+
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, description, args)
+    (args.out / "results.md").write_text(table)
+    plot(rows, args.out / "results.png", description)
+    print()
+    print(table)
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'results.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
