@@ -74,7 +74,8 @@ PARAM_LIMITS: dict[str, tuple[type, float, float]] = {
     "epochs": (int, 1, 200),
     "lr": (float, 1e-6, 1.0),
 }
-_WORKER_PID = re.compile(r"^(?P<node>.*) \(pid (?P<pid>\d+)\)$")
+# how a running job names its process: "<celery node> (pid <pid> on <host>)"
+_WORKER_PID = re.compile(r"^(?P<node>.*) \(pid (?P<pid>\d+) on (?P<host>[^)]*)\)$")
 
 
 class BrokerUnavailable(Exception):
@@ -394,7 +395,8 @@ def run_retrain(
     Celery's task state). Raises only if the outcome cannot be recorded (database down).
     """
     settings = settings or get_settings()
-    me = f"{worker or socket.gethostname()} (pid {os.getpid()})"
+    host = socket.gethostname()
+    me = f"{worker or host} (pid {os.getpid()} on {host})"
     skipped = _db_retry(_claim, job_id, me, settings, attempts=3)
     if skipped is not None:
         return skipped
@@ -455,7 +457,7 @@ def _orphaned(job: TrainingJob, settings: Settings) -> bool:
     if _stale_reason(job, settings):
         return True
     match = _WORKER_PID.match(job.worker or "")
-    same_host = match and match.group("node").split("@")[-1] == socket.gethostname()
+    same_host = match and match.group("host") == socket.gethostname()
     return bool(same_host and not _pid_alive(int(match.group("pid"))))
 
 

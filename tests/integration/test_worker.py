@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -184,6 +185,31 @@ def test_kill_9_mid_training_leaves_model_and_next_retrain_succeeds(clean, worke
     assert registry.current(clean.models_dir)[0] == job2["result_version"]
 
 
+def test_kill_9_of_the_pool_child_fails_the_job_on_redelivery(clean, worker):
+    """The OOM-killer case: only the process running the task dies. The worker requeues the
+    message (task_reject_on_worker_lost), and the redelivered task marks the job failed
+    instead of running a crashed job again."""
+    upload(clean, cw.pick(clean.rows, 2, 2, skip=12))
+    before = served_state(clean)
+    job, _ = jobs.request_retrain("test:oom", {"epochs": 60})
+    deadline = time.monotonic() + WAIT_S
+    while (cw.job_row(clean.db_url, job["id"])["progress"] or {}).get("epoch", 0) < 1:
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.1)
+    pid = int(re.search(r"\(pid (\d+) on ", cw.job_row(clean.db_url, job["id"])["worker"])[1])
+    assert pid != worker.proc.pid
+    os.kill(pid, signal.SIGKILL)
+
+    while not jobs.get_job(job["id"])["done"]:
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.2)
+    dead = jobs.get_job(job["id"])
+    assert dead["status"] == "failed" and "died mid-job" in dead["error"], dead
+    assert served_state(clean) == before
+    assert versions_of_job(clean, job["id"]) == []
+    assert worker.proc.poll() is None  # the worker itself lives on
+
+
 # --------------------------------------------------------------------------- one job at a time
 
 RACER = """
@@ -260,7 +286,7 @@ def test_stale_or_dead_jobs_never_block_retraining(clean):
     long_ago = utcnow() - timedelta(hours=1)
     with db.session_scope(clean.db_url) as s:
         s.add(TrainingJob(id="stale-job", status="running", started_at=long_ago,
-                          heartbeat_at=long_ago, worker="gone@elsewhere (pid 1)"))
+                          heartbeat_at=long_ago, worker="gone@elsewhere (pid 1 on elsewhere)"))
     job, created = jobs.request_retrain("test:stale", send=lambda job_id: None)
     assert created and job["id"] != "stale-job"
     stale = jobs.get_job("stale-job")
@@ -272,7 +298,7 @@ def test_stale_or_dead_jobs_never_block_retraining(clean):
     with db.session_scope(clean.db_url) as s:
         row = s.get(TrainingJob, job["id"])
         row.status, row.started_at, row.heartbeat_at = "running", utcnow(), utcnow()
-        row.worker = f"celery@{socket.gethostname()} (pid {dead.pid})"
+        row.worker = f"celery@x (pid {dead.pid} on {socket.gethostname()})"
     result = jobs.run_retrain(job["id"], worker="celery@x")
     assert result["status"] == "failed" and "previous attempt died" in result["skipped"]
     assert jobs.run_retrain(job["id"])["skipped"] == "already failed"  # idempotent
