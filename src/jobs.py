@@ -407,8 +407,7 @@ def run_retrain(
         _execute(job_id, me, on_progress, settings)
     except BaseException as exc:
         reason = _failure_reason(exc, settings)
-        log.error("retrain job %s failed: %s", job_id, reason, exc_info=not isinstance(
-            exc, RetrainError | DatabaseUnavailable))
+        log.error("retrain job %s failed: %s", job_id, reason, exc_info=not _expected(exc))
         if not _record_failure(job_id, me, reason, settings) or not isinstance(exc, Exception):
             raise
     finally:
@@ -521,11 +520,16 @@ def _failure_reason(exc: BaseException, settings: Settings) -> str:
                 "changed. Lower retrain_base_clips/epochs or raise the limit.")
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         return "The worker was shut down mid-job; the served model was not changed."
-    message = getattr(exc, "message", None) or str(exc)
-    message = " ".join(str(message).split())
-    if isinstance(exc, RetrainError | DatabaseUnavailable):
+    message = " ".join(str(getattr(exc, "message", None) or exc).split())
+    if _expected(exc):
         return message
     return f"{name}: {message}" if message else name
+
+
+def _expected(exc: BaseException) -> bool:
+    """Failures that explain themselves (ours, the registry's, the checkpoint loader's: they
+    carry a ``message``); anything else is a bug, logged with its traceback."""
+    return isinstance(exc, RetrainError | DatabaseUnavailable) or hasattr(exc, "message")
 
 
 def _record_failure(job_id: str, me: str, reason: str, settings: Settings) -> bool:

@@ -55,7 +55,7 @@ def celery_config(settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or get_settings()
     connect_timeout = float(getattr(settings, "broker_timeout_s", PUBLISH_TIMEOUT_S))
     visibility = int(settings.retrain_hard_limit_s) + VISIBILITY_SLACK_S
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.celery_broker,
         "result_backend": settings.celery_backend,
         "task_default_queue": QUEUE,
@@ -72,21 +72,30 @@ def celery_config(settings: Settings | None = None) -> dict[str, Any]:
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": connect_timeout,
-        "broker_transport_options": {
-            "visibility_timeout": visibility,
-            "socket_connect_timeout": connect_timeout,
-        },
         "task_publish_retry": True,
         "task_publish_retry_policy": {
             "max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1,
         },
-        "redis_socket_connect_timeout": connect_timeout,
-        "result_backend_transport_options": {
+    }
+    # Transport options are handed to the transport as they are: the SQLAlchemy transport of
+    # the embedded default passes them to create_engine(), which refuses Redis's.
+    if _is_redis(settings.celery_broker):
+        config["broker_transport_options"] = {
+            "visibility_timeout": visibility,
+            "socket_connect_timeout": connect_timeout,
+        }
+    if _is_redis(settings.celery_backend):
+        config["redis_socket_connect_timeout"] = connect_timeout
+        config["result_backend_transport_options"] = {
             "visibility_timeout": visibility,
             "retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                              "interval_max": 1, "timeout": connect_timeout},
-        },
-    }
+        }
+    return config
+
+
+def _is_redis(url: str) -> bool:
+    return url.split(":", 1)[0] in ("redis", "rediss", "sentinel")
 
 
 def celery_init_app(app: Flask) -> Celery:
