@@ -171,6 +171,7 @@ class TrainConfig:
     specaugment: bool = True
     waveform_augment: bool = True
     patience: int = 10
+    ema_decay: float = 0.995  # validate and keep an exponential moving average of the weights
     warmup_fraction: float = 0.3  # patience only counts once the LR has peaked and is falling
     seed: int = 0
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -249,6 +250,11 @@ def fit(
     counts = np.bincount(train_y, minlength=len(classes))
     optimizer, scheduler, loss_fn = compile_model(model, cfg, steps, counts)
     targets = torch.as_tensor(train_y)
+    # The EMA of the weights is what gets validated and kept: with a few hundred validation
+    # clips, single-epoch weights make early stopping chase noise; the average is steadier.
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+        use_buffers=True) if cfg.ema_decay else None)
     best_f1, best_state, bad_epochs, history = -1.0, None, 0, []
     bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
@@ -274,9 +280,12 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        val = evaluate_model(model, val_x, val_y, classes) if len(val_x) else {}
+        judged = ema.module if ema is not None else model
+        val = evaluate_model(judged, val_x, val_y, classes) if len(val_x) else {}
         record = {
             "epoch": epoch + 1, "epochs": cfg.epochs, "loss": total / max(seen, 1),
             "val_loss": val.get("loss"), "val_accuracy": val.get("accuracy"),
@@ -289,7 +298,7 @@ def fit(
             on_epoch(record)
         f1 = record["val_f1"] if record["val_f1"] is not None else -record["loss"]
         if f1 > best_f1:
-            best_f1, best_state, bad_epochs = f1, copy.deepcopy(model.state_dict()), 0
+            best_f1, best_state, bad_epochs = f1, copy.deepcopy(judged.state_dict()), 0
         elif epoch + 1 > cfg.warmup_fraction * cfg.epochs:
             bad_epochs += 1
             if bad_epochs >= cfg.patience:

@@ -1,0 +1,95 @@
+"""The command-line contract of DESIGN.md: JSON shapes, one-line errors, exit codes.
+
+Run through the installed ``urbansound`` entry point in a subprocess, as scripts use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src import registry
+from src.model import save_checkpoint
+
+BIN = Path(sys.executable).parent / "urbansound"
+
+
+def run(*args: str, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def model_file(quick_model, tmp_path_factory) -> Path:
+    return save_checkpoint(quick_model.checkpoint, tmp_path_factory.mktemp("m") / "quick.pt")
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr  # warnings may precede it; one reason, one line
+    assert "Traceback" not in proc.stderr
+
+
+def test_predict_json_contract(model_file, us8k):
+    files = sorted((us8k / "audio" / "fold1").glob("*.flac"))[:3]
+    proc = run("predict", "--model", str(model_file), "--json", *map(str, files))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 3
+    for row, f in zip(rows, files, strict=True):
+        assert row["file"] == str(f)
+        assert {"label", "class_id", "confidence", "probabilities", "model_version"} <= set(row)
+        assert row["model_version"] == "quick-1"
+        assert abs(sum(row["probabilities"].values()) - 1) < 1e-4
+
+
+def test_predict_reports_bad_files_and_keeps_going(model_file, us8k, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all" * 10)
+    good = next((us8k / "audio" / "fold1").glob("*.flac"))
+    proc = run("predict", "--model", str(model_file), "--json", str(bad), str(good))
+    assert proc.returncode == 1
+    assert len(proc.stdout.splitlines()) == 1  # the good file was still labelled
+    assert_one_line_error(proc)
+    assert "bad.wav" in proc.stderr
+
+
+def test_evaluate_json_contract(model_file, synthetic_data):
+    proc = run("evaluate", "--model", str(model_file), "--data", str(synthetic_data / "test"),
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    for key in ("n", "accuracy", "macro_f1", "loss", "precision", "recall", "per_class",
+                "confusion_matrix"):
+        assert key in m
+    assert m["n"] == 60 and len(m["confusion_matrix"]) == 10
+    assert sum(map(sum, m["confusion_matrix"])) == m["n"]
+
+
+@pytest.mark.parametrize("args", [
+    ("predict", "--model", "/nonexistent/model.pt", "x.wav"),
+    ("evaluate", "--data", "/nonexistent/folder", "--model", "/nonexistent/model.pt"),
+    ("train", "--data", "/nonexistent/folder", "--epochs", "1"),
+    ("models", "activate", "no-such-version"),
+])
+def test_errors_are_one_line(args, tmp_path):
+    env = {"URBANSOUND_STATE_DIR": str(tmp_path / "var"),
+           "URBANSOUND_MODELS_DIR": str(tmp_path / "models")}
+    assert_one_line_error(run(*args, env=env))
+
+
+def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
+    env = {"URBANSOUND_STATE_DIR": str(tmp_path / "var"),
+           "URBANSOUND_MODELS_DIR": str(tmp_path / "models")}
+    proc = run("train", "--data", str(synthetic_data), "--epochs", "2", "--quiet", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "macro-F1" in proc.stdout
+    version, path = registry.current(tmp_path / "models")
+    assert path.is_file() and version in proc.stdout
+    assert (tmp_path / "var" / "reports" / version / "confusion_matrix.png").is_file()
