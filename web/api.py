@@ -18,6 +18,7 @@ from .errors import api_error, audio_error
 from .security import token_auth
 
 MIB = 1 << 20
+MAX_ID = 2**63 - 1  # larger ids cannot exist (BIGINT) and would overflow the driver
 api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="API")
 
 AUDIO_TYPES = ("audio/wav", "audio/x-wav", "audio/flac", "audio/ogg", "audio/mpeg",
@@ -213,7 +214,7 @@ def get_upload(upload_id: int):
     """One upload.
 
     One upload batch: its accepted clips and its rejected files with reasons."""
-    upload = services.get_upload(upload_id)
+    upload = services.get_upload(upload_id) if upload_id <= MAX_ID else None
     if upload is None:
         raise api_error(404, "not_found", f"No upload {upload_id}.")
     return upload
@@ -252,6 +253,7 @@ def start_retrain(requested_by: str, params: dict[str, Any]) -> tuple[dict[str, 
     "Location": {"description": "Poll this job", "type": "string"}})
 @api.doc(responses={
     200: "A job was already queued or running: that job (created = false)",
+    400: "The body is not valid JSON",
     422: "Bad parameters", 503: "The broker or the database is unavailable"})
 def retrain(body: dict):
     """Start a retraining job.

@@ -128,6 +128,8 @@ def register(app: APIFlask) -> None:
             message = f"Nothing at {request.path}."
         elif status == 405:
             message = f"{request.method} is not allowed on {request.path}."
+        elif status == 400 and request.is_json and error.__class__.__name__ == "BadRequest":
+            return respond(400, "invalid_json", "The request body is not valid JSON.")
         code = "csrf_failed" if error.__class__.__name__ == "CSRFError" else \
             STATUS_CODES.get(status, "error")
         return respond(status, code, message, error.get_headers())
