@@ -37,7 +37,8 @@ def train(
     batch_size: int = typer.Option(32, min=2),
     lr: float = typer.Option(3e-3, help="Peak learning rate of the one-cycle schedule."),
     seed: int = typer.Option(0),
-    patience: int = typer.Option(10, help="Epochs without validation macro-F1 gain."),
+    patience: int = typer.Option(12, help="Epochs without validation macro-F1 gain "
+                                 "(counted once the learning rate has peaked)."),
     activate: bool = typer.Option(True, help="Serve the new version once trained."),
     out: Path = typer.Option(None, help="Also write the checkpoint to this path."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),

@@ -173,7 +173,8 @@ class TrainConfig:
     patience: int = 10
     ema_decay: float = 0.995  # validate and keep an exponential moving average of the weights
     warmup_fraction: float = 0.3  # patience only counts once the LR has peaked and is falling
-    seed: int = 0
+    seed: int = 0  # weights, batches and augmentation
+    split_seed: int = 0  # which recordings validate: fixed, so runs with other seeds compare
     widths: tuple[int, ...] = (16, 32, 64, 128)
     dropout: float = 0.3
     class_weighting: bool = True

@@ -90,7 +90,8 @@ def train(
     cfg = cfg or TrainConfig()
     config = config or FeatureConfig()
     set_threads()
-    train_clips, val_clips, test_clips, how = split_clips(data_dir, test_folds, seed=cfg.seed)
+    train_clips, val_clips, test_clips, how = split_clips(data_dir, test_folds,
+                                                          seed=cfg.split_seed)
     tr = Split.load(train_clips, config, cache_dir, progress)
     va = Split.load(val_clips, config, cache_dir, progress)
     te = Split.load(test_clips, config, cache_dir, progress)
