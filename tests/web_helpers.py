@@ -4,16 +4,19 @@ model registry, free ports. Plain functions, importable as ``web_helpers`` (``te
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import socket
 import wave
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 TOKEN = "test-token-0123456789"
+US8K = Path(__file__).resolve().parents[1].parent / "shared" / "us8k"
 PASSWORD = "test-admin-password"
 
 
@@ -63,3 +66,136 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI must provide it)", pytrace=False)
     pytest.skip(f"{reason}; CI runs this test")
+
+
+# --------------------------------------------------------------------------- a real server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Gunicorn:
+    """``urbansound``'s web app under real gunicorn (the config ``urbansound serve`` uses), in
+    its own process group, logging to a file; ``wait_ready`` polls ``/api/v1/ready``."""
+
+    def __init__(self, env: dict[str, str], log: Path, workers: int = 2, port: int | None = None):
+        self.env, self.log, self.workers = env, Path(log), workers
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300) -> Gunicorn:
+        import subprocess
+        import sys
+
+        from src.cli_web import gunicorn_config
+
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                       str(Path(env["URBANSOUND_STATE_DIR"]) / "prometheus" / f"web-{self.port}"))
+        Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn",
+                 "--config", str(gunicorn_config()),
+                 "--bind", f"127.0.0.1:{self.port}", "--workers", str(self.workers),
+                 "web:create_app()"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited ({self.proc.returncode}):\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/api/v1/ready", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"gunicorn not ready after {timeout} s:\n{self.tail()}")
+
+    def wait_workers(self, version: str, timeout: float = 300) -> None:
+        """Until every worker has loaded ``version`` (the model-served gauge, all workers)."""
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = requests.get(f"{self.url}/metrics", timeout=5).text
+            if f'urbansound_model_served{{version="{version}"}} {float(self.workers)}' in text:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"workers did not all load {version} within {timeout} s")
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> Gunicorn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- real clips
+
+def us8k_rows() -> list[dict[str, str]]:
+    meta = US8K / "metadata" / "UrbanSound8K.csv"
+    if not meta.is_file():
+        unavailable(f"the UrbanSound8K subset is not at {US8K}")
+    with open(meta, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if clip_path(r).is_file()]
+
+
+def clip_path(row: dict[str, str]) -> Path:
+    return US8K / "audio" / f"fold{row['fold']}" / row["slice_file_name"]
+
+
+def pick(rows: list[dict[str, str]], fold: int, per_class: int, skip: int = 0) -> list[dict]:
+    by_class: dict[str, list[dict]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["slice_file_name"]):
+        if int(r["fold"]) == fold:
+            by_class[r["class"]].append(r)
+    return [r for c in sorted(by_class) for r in by_class[c][skip:skip + per_class]]
+
+
+def build_us8k(dst: Path, rows: list[dict[str, str]]) -> Path:
+    """UrbanSound8K layout, symlinks to the shared clips (nothing copied)."""
+    (dst / "metadata").mkdir(parents=True)
+    with open(dst / "metadata" / "UrbanSound8K.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r)
+            link = dst / "audio" / f"fold{r['fold']}" / r["slice_file_name"]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(clip_path(r))
+    return dst
