@@ -38,6 +38,8 @@ def up(
     flower_port: int = typer.Option(5555, min=1, max=65535),
     no_worker: bool = typer.Option(False, "--no-worker", help="No Celery worker."),
     no_flower: bool = typer.Option(False, "--no-flower", help="No Flower."),
+    worker_nice: int = typer.Option(5, min=0, max=19, help="CPU niceness of the Celery worker: "
+                                    "a retrain uses idle CPU, predictions keep priority."),
     timeout: float = typer.Option(180, min=1, help="Seconds to wait for everything healthy."),
     foreground: bool = typer.Option(False, "--foreground",
                                     help="Stay in the foreground; Ctrl-C stops the stack."),
@@ -48,7 +50,8 @@ def up(
 
     cfg = stack.StackConfig(replicas=replicas, port=port, base_port=base_port, workers=workers,
                             threads=threads, worker=not no_worker, flower=not no_flower,
-                            flower_port=flower_port, timeout_s=timeout)
+                            flower_port=flower_port, timeout_s=timeout,
+                            worker_nice=worker_nice)
     try:
         state = stack.up(cfg, say=typer.echo)
     except stack.StackError as exc:

@@ -20,8 +20,9 @@ a container engine (this project's CI among them) can run and load-test it:
 CPU budget: replicas x workers x torch threads = cores (see ``deploy/gunicorn.conf.py``). On
 a 2-core machine 1 replica gets 2 workers, 2 replicas get 1 worker each, and 4 replicas run 4
 single-threaded workers on 2 cores (oversubscribed on purpose: that is what the load test
-measures). The Celery worker runs at a lower CPU priority (``nice``) so a retrain uses idle
-CPU without stealing it from predictions.
+measures). The Celery worker runs at a lower CPU priority (``nice`` 5, about a third of a web
+worker's scheduler weight): a retrain slows predictions little, yet still progresses when the
+replicas keep every core busy (at nice 10+ it can starve for minutes on a saturated box).
 
 Nothing here imports torch, Flask or Celery: this module only starts and watches processes.
 """
@@ -57,7 +58,7 @@ STATE_FILE = "stack.json"
 PLACEHOLDER = re.compile(r"\$\{(NGINX_[A-Z0-9_]+)\}")
 DEFAULT_PORT = 8080
 DEFAULT_FLOWER_PORT = 5555
-WORKER_NICE = 10
+WORKER_NICE = 5
 
 
 class StackError(Exception):
