@@ -66,6 +66,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     if test_config:
         app.config.update(test_config)
 
+    _warn_about_default_secrets(settings)
     started = time.time()
     app.extensions["urbansound"] = services.AppState(
         settings=settings, monitor=Monitor(settings.state_dir, started),
@@ -79,6 +80,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     if app.config["CELERY_INIT"]:
         _init_celery(app, settings)
     return app
+
+
+def _warn_about_default_secrets(settings: Any) -> None:
+    """The defaults make the embedded demo work out of the box; anywhere else they are a hole."""
+    from src.settings import Settings
+
+    defaults = {name: Settings.model_fields[name].default
+                for name in ("api_token", "admin_password", "secret_key")}
+    weak = [name for name, default in defaults.items() if getattr(settings, name) == default]
+    if weak:
+        log.warning("using the default %s: set URBANSOUND_%s before exposing this server",
+                    ", ".join(weak), " / URBANSOUND_".join(n.upper() for n in weak))
 
 
 def _register_blueprints(app: APIFlask) -> None:

@@ -37,7 +37,7 @@ from .security import admin_required, check_admin_secret, is_admin, safe_next
 
 log = logging.getLogger(__name__)
 ui = Blueprint("ui", __name__)
-PLAYER_MAX_BYTES = 8 << 20  # larger clips are classified but not echoed back into the page
+PLAYER_MAX_BYTES = 3 << 20  # larger clips are classified but not echoed back into the page
 
 
 @ui.app_context_processor
@@ -194,10 +194,14 @@ def upload_page():
                 exc.status_code, {"X-Partial": "1"}
         flash(message, "error")
         return redirect(url_for("ui.data_page"))
+    try:
+        totals = services.upload_stats()
+    except Exception:  # the report stands without the totals
+        totals = None
     if partial:  # app.js inserts the report into the page it is on
-        return render_template("_upload_report.html", report=report, error=None), 200, \
-            {"X-Partial": "1"}
-    return render_template("upload_report.html", active="data", report=report)
+        return render_template("_upload_report.html", report=report, error=None,
+                               totals=totals), 200, {"X-Partial": "1"}
+    return render_template("upload_report.html", active="data", report=report, totals=totals)
 
 
 # --------------------------------------------------------------------------- training

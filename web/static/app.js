@@ -141,9 +141,16 @@
       const bar = field("bar");
       bar.max = p.epochs || 1;
       bar.value = job.done ? bar.max : (p.epoch || 0);
-      field("loss").textContent = fmt(p.loss);
-      field("val_f1").textContent = fmt(p.val_f1);
+      // The last epoch's numbers stay on screen once later stages replace them.
+      if (typeof p.loss === "number") field("loss").textContent = fmt(p.loss);
+      if (typeof p.val_f1 === "number") field("val_f1").textContent = fmt(p.val_f1);
       field("message").textContent = job.message || job.error || "";
+      const m = job.metrics || {};
+      if (m.candidate) {
+        field("candidate_f1").textContent = fmt(m.candidate.macro_f1);
+        field("served_f1").textContent = fmt((m.served || {}).macro_f1);
+        field("result").hidden = false;
+      }
       if (job.result_version && field("result-link")) {
         const link = field("result-version");
         link.textContent = job.result_version;
