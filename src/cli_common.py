@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 
 import typer
 
+from .errors import UserError
+
+__all__ = ["UserError", "fail", "friendly_errors", "print_json"]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-class UserError(Exception):
-    """A failure the user can fix; printed as one line, never as a traceback."""
 
 
 def fail(message: str, code: int = 1) -> None:

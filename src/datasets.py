@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .preprocessing import CLASSES, normalise_label
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64"}
@@ -35,7 +36,7 @@ class Clip:
         return CLASSES.index(self.label)
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The folder is not a data set we can read; the message says what was expected."""
 
 

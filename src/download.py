@@ -24,8 +24,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from .cli_common import UserError
 from .datasets import Clip, is_us8k, read_manifest, read_us8k, write_manifest
+from .errors import UserError
 from .preprocessing import CLASSES
 
 US8K_URL = "https://zenodo.org/records/1203745/files/UrbanSound8K.tar.gz"

@@ -19,17 +19,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .datasets import Clip
+from .files import file_sha256
 from .preprocessing import AudioError, FeatureConfig, load_clip
 
 WAVEFORM_KEYS = ("sample_rate", "clip_seconds", "pad_mode", "target_dbfs")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_key(config: FeatureConfig) -> str:

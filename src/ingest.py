@@ -53,6 +53,8 @@ from sqlalchemy.orm import Session
 from . import datasets
 from .db import JobStatus, TrainingJob, Upload, UploadedClip, UploadReject, UploadSource
 from .db import session_scope as _session_scope
+from .errors import UserError
+from .files import fsync_dir
 from .preprocessing import (
     CLASSES,
     AudioError,
@@ -87,12 +89,8 @@ Content = bytes | Path | IO[bytes]
 Item = Path | tuple[str, Content]
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """The whole request is unusable (no files, an unknown explicit label...)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass
@@ -569,12 +567,6 @@ def _ingest_lock(session: Session, settings: Settings) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _existing(session: Session, shas: list[str]) -> dict[str, UploadedClip]:
@@ -629,7 +621,7 @@ def _commit(session: Session, batch: _Batch, settings: Settings, source: str,
                 os.replace(staged.staged, target)  # an existing file here is an orphan
                 placed.append(target)
             for folder in {p.parent for p in placed}:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             session.commit()
         except BaseException:
             with contextlib.suppress(Exception):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
 from .evaluation import classification_metrics
 from .preprocessing import (
     CLASSES,
@@ -136,12 +137,8 @@ def save_checkpoint(ckpt: dict, path: Path) -> Path:
     return path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that is not one of our checkpoints, or a corrupt one."""
-
-    @property
-    def message(self) -> str:
-        return str(self)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -30,7 +30,7 @@ def render(ckpt: dict, reproduce: str = "") -> str:
     lines = [
         f"# Model card — `{ckpt['version']}`",
         "",
-        f"A {arch['name']} ({n_params:,} parameters; conv widths {arch['widths']}, dropout "
+        f"{arch['name']} ({n_params:,} parameters; conv widths {arch['widths']}, dropout "
         f"{arch['dropout']}) classifying 4-second clips into the ten UrbanSound8K classes from "
         f"{cfg['n_mels']}-band log-mel spectrograms ({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "
         f"hop {cfg['hop_length']}). Created {ckpt['created_at']}; parent: "
@@ -46,6 +46,9 @@ def render(ckpt: dict, reproduce: str = "") -> str:
         f"- Test: {test.get('n', m.get('n'))} clips, folds {test.get('folds', '?')} — never seen "
         "in training or validation; no recording (fsID) appears on two sides.",
         f"- Training clips per class: {train.get('per_class', {})}.",
+        *([f"- Fine-tuned from `{data['fine_tuned_from']}` on "
+           f"{data.get('new_clips', {}).get('n', '?')} further clips merged with its training "
+           "data (the retraining path)."] if data.get("fine_tuned_from") else []),
         "",
         "## Metrics on the test fold(s)",
         "",

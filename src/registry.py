@@ -24,7 +24,6 @@ unless no version was ever activated.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
+from .files import file_sha256, fsync_dir, replace_atomically, tmp_name
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,8 @@ REJECTED_SUFFIX = ".rejected.json"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A registry operation that cannot be done; ``message`` says why and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass
@@ -116,44 +114,6 @@ def _utc_iso() -> str:
 
 # --------------------------------------------------------------------------- durable writes
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` survive a power cut (the entry is in the dir)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(target: Path) -> Path:
-    return target.with_name(
-        f".{target.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp"
-    )
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_atomically(target: Path, data: bytes) -> None:
-    tmp = _tmp_name(target)
-    try:
-        _write_durably(tmp, data)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(target.parent)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -428,7 +388,7 @@ def publish(
     dest = version_path(version, root)
     if dest.exists():
         return _same_or_fail(dest, meta["sha256"], version, tmp_file, move, session, root, job_id)
-    staging = _tmp_name(dest)
+    staging = tmp_name(dest)
     try:
         with open(tmp_file, "rb") as src, open(staging, "wb") as out:
             while block := src.read(1 << 20):
@@ -506,7 +466,7 @@ def activate(version: str, *, models_dir: Path | None = None, session: Any = Non
         "activated_at": now.isoformat(timespec="seconds"),
         "previous": previous["version"] if previous else None,
     }
-    _replace_atomically(root / POINTER, json.dumps(pointer, indent=1).encode() + b"\n")
+    replace_atomically(root / POINTER, json.dumps(pointer, indent=1).encode() + b"\n")
     if rejection is not None:
         (root / f"{version}{REJECTED_SUFFIX}").unlink(missing_ok=True)
     try:
@@ -532,7 +492,7 @@ def reject(version: str, reason: str, *, models_dir: Path | None = None,
     pointer = read_pointer(root)
     if pointer and pointer["version"] == version:
         raise RegistryError(f"Version {version} is being served; activate another one first.")
-    _replace_atomically(root / f"{version}{REJECTED_SUFFIX}",
+    replace_atomically(root / f"{version}{REJECTED_SUFFIX}",
                         json.dumps({"reason": reason, "rejected_at": _utc_iso()}).encode())
     if session is not None:
         row = _ensure_row(session, version, root)

@@ -27,6 +27,7 @@ from scipy.fft import next_fast_len
 from tqdm import tqdm
 
 from .datasets import MANIFEST, Clip, write_manifest
+from .errors import UserError
 from .preprocessing import CLASSES, SAMPLE_RATE
 
 SOURCE = "synthetic"
@@ -39,12 +40,8 @@ PEAK_DBFS = (-24.0, -1.0)  # recording level varies between microphones
 Generator = Callable[[np.random.Generator, int, int], np.ndarray]
 
 
-class SynthError(Exception):
+class SynthError(UserError):
     """The output folder cannot take a synthetic set; ``message`` says why in one line."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 # --------------------------------------------------------------------------- building blocks
