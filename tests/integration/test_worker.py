@@ -127,7 +127,9 @@ def test_gate_rejects_candidate_trained_on_mislabelled_uploads(clean, worker):
     upload(clean, rows, label="gun_shot")  # every clip deliberately labelled wrong
     before = served_state(clean)
 
-    job, _ = jobs.request_retrain("test:gate", {"epochs": 4, "lr": 0.03})
+    # A reckless LR as well: the core validates and keeps an EMA of the weights (decay 0.995),
+    # which holds a short fine-tune close to the base; at this LR the damage still shows.
+    job, _ = jobs.request_retrain("test:gate", {"epochs": 4, "lr": 0.5})
     job = jobs.wait_for_job(job["id"], WAIT_S, poll_s=0.2)
 
     assert job["status"] == "rejected", (job, worker.tail())
