@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -44,6 +45,11 @@ from .preprocessing import (
 )
 
 STATS_VERSION = 1  # bump when compute_stats changes what it measures
+# boxplot's keywords moved: ``labels`` → ``tick_labels`` (3.9), ``vert=False`` →
+# ``orientation`` (3.10; ``vert`` deprecated in 3.11). pyproject allows matplotlib >= 3.8.
+_MPL = tuple(int(part) for part in matplotlib.__version__.split(".")[:2])
+HORIZONTAL = {"orientation": "horizontal"} if _MPL >= (3, 10) else {"vert": False}
+TICK_LABELS = "tick_labels" if _MPL >= (3, 9) else "labels"
 PALETTE = ("#1f5f99", "#d9822b", "#3a8f4b", "#b03a48", "#6c4f9c", "#8c6d31", "#c1579a",
            "#5f6b73", "#a8a23a", "#2d9c9c")
 
@@ -340,8 +346,8 @@ def loudness_and_centroid(stats: DatasetStats) -> tuple[Figure, str]:
     loud = [stats.loudness_dbfs[labels == c] for c in classes]
     cent = [stats.centroid_hz[labels == c] / 1000 for c in classes]
     if classes:
-        ax1.boxplot(loud, vert=False, tick_labels=classes, showfliers=False)
-        ax2.boxplot(cent, vert=False, tick_labels=classes, showfliers=False)
+        ax1.boxplot(loud, showfliers=False, **{TICK_LABELS: classes}, **HORIZONTAL)
+        ax2.boxplot(cent, showfliers=False, **{TICK_LABELS: classes}, **HORIZONTAL)
     ax1.set_xlabel("RMS level (dBFS)")
     ax1.set_title("Loudness as recorded")
     ax2.set_xlabel("spectral centroid (kHz)")

@@ -93,8 +93,10 @@ class Gunicorn:
         from src.cli_web import gunicorn_config
 
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                       str(Path(env["URBANSOUND_STATE_DIR"]) / "prometheus" / f"web-{self.port}"))
+        # Its own metrics folder, always: the test process may have one in its environment
+        # (set by an in-process app), and the master wipes the folder when it starts.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(
+            Path(env["URBANSOUND_STATE_DIR"]) / "prometheus" / f"web-{self.port}")
         Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
