@@ -117,8 +117,10 @@ def up(
     workers: int = typer.Option(2, min=1, help="gunicorn worker processes."),
     no_worker: bool = typer.Option(False, "--no-worker", help="Web app only (no retraining)."),
 ) -> None:
-    """Embedded default: migrate the database, then run the web app and a Celery worker
-    together. Ctrl-C (or SIGTERM) stops both."""
+    """Embedded default: migrate the database, run the web app and a Celery worker.
+
+    Ctrl-C (or SIGTERM) stops both: gunicorn gracefully, Celery with a warm shutdown, then
+    anything still running after 15 s is killed (a second Ctrl-C kills at once)."""
     _prepare()
     env = serve_environment(port, workers)
     commands = {"web": gunicorn_argv(host, port, workers)}

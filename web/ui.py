@@ -109,7 +109,7 @@ def predict_page():
 
 # --------------------------------------------------------------------------- data
 
-_visual_threads: dict[str, threading.Thread] = {}
+_visual_threads: dict[str, threading.Thread] = {}  # data folder → its renderer
 _visual_errors: dict[str, str] = {}
 _visual_lock = threading.Lock()
 
@@ -145,7 +145,9 @@ def visuals_state() -> tuple[list | None, str | None]:
                     with _visual_lock:
                         _visual_errors[key] = str(exc)
 
-            thread = threading.Thread(target=work, name="visualise", daemon=True)
+            # Not a daemon: torch must not be torn down under a running render at exit
+            # (the interpreter would abort); shutdown waits for the render instead.
+            thread = threading.Thread(target=work, name="visualise", daemon=False)
             _visual_threads[key] = thread
             thread.start()
     return None, None

@@ -35,14 +35,21 @@ def db_template(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def visuals_cache(tmp_path_factory) -> Path:
+    """One cache of data set renders for the session (same data, same signature)."""
+    return tmp_path_factory.mktemp("visualise")
+
+
 @pytest.fixture()
-def web_env(tmp_path, monkeypatch, web_registry, db_template, synthetic_data):
+def web_env(tmp_path, monkeypatch, web_registry, db_template, synthetic_data, visuals_cache):
     """Settings for one test: its own state folder and database, the shared registry."""
     from src.settings import get_settings
     from web import services
 
     state = tmp_path / "var"
-    state.mkdir()
+    (state / "cache").mkdir(parents=True)
+    (state / "cache" / "visualise").symlink_to(visuals_cache, target_is_directory=True)
     shutil.copy(db_template, state / "urbansound.db")
     env = {
         "URBANSOUND_STATE_DIR": str(state),
@@ -134,3 +141,14 @@ def no_sender():
     jobs.set_sender(sent.append)
     yield sent
     jobs.set_sender(None)
+
+
+@pytest.fixture(autouse=True)
+def _finish_background_renders():
+    """Pages start data set renders in a thread; finish them inside the test that started
+    them, so they neither compete with later tests for the CPU nor outlive the session."""
+    yield
+    from web import ui
+
+    for thread in list(ui._visual_threads.values()):
+        thread.join(timeout=300)

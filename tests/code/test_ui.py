@@ -279,3 +279,16 @@ def test_request_too_large_page(make_app, monkeypatch):
     client = make_app().test_client()
     r = client.post("/predict", data={"file": (io.BytesIO(b"\0" * (2 << 20)), "x.wav")})
     assert r.status_code == 413 and "too large" in r.get_data(as_text=True)
+
+
+def test_pages_without_a_model(make_app, monkeypatch, tmp_path):
+    """A fresh install (no model yet) still renders every page and says so."""
+    monkeypatch.setenv("URBANSOUND_MODELS_DIR", str(tmp_path / "no-models"))
+    client = make_app().test_client()
+    for path in ("/", "/training", "/dashboard", "/data"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert "none yet" in r.get_data(as_text=True)
+    assert "No predictions served yet" in client.get("/dashboard").get_data(as_text=True)
+    r = client.post("/predict", data={"file": (io.BytesIO(tone()), "a.wav")})
+    assert r.status_code == 503 and "No model is being served" in r.get_data(as_text=True)
