@@ -138,7 +138,8 @@ class LivePredictor:
                 return False
             self._loading = True
         if background:
-            threading.Thread(target=self._load, args=(signature,), daemon=True).start()
+            # not a daemon: torch aborts the process if a daemon thread is inside it at exit
+            threading.Thread(target=self._load, args=(signature,), daemon=False).start()
         else:
             self._load(signature)
         return True

@@ -258,9 +258,21 @@ def test_waveform_augmentation_is_seeded_and_changes_the_signal():
 
 def test_spec_augment_masks_bands_and_frames():
     x = torch.ones(4, 1, 64, 173)
-    out = spec_augment(x, torch.Generator().manual_seed(0), freq_width=10, time_width=30)
+    out = spec_augment(x, torch.Generator().manual_seed(0), freq_width=10, time_width=30,
+                       max_band_shift=0, eq_std=0)
     assert (out == 0).any() and (out == 1).any()
     assert torch.equal(x, torch.ones_like(x))  # input untouched
+
+
+def test_spec_augment_colours_each_example_with_a_smooth_curve():
+    x = torch.zeros(3, 1, 64, 10)
+    out = spec_augment(x, torch.Generator().manual_seed(0), freq_masks=0, time_masks=0,
+                       max_band_shift=0, eq_std=0.3)
+    curve = out[:, 0, :, 0]
+    assert torch.equal(out, curve[:, None, :, None].expand_as(out))  # same gain in every frame
+    assert curve.std(dim=1).min() > 0  # it really colours the spectrum...
+    assert (curve[:, 1:] - curve[:, :-1]).abs().max() < 0.2  # ...smoothly across bands
+    assert not torch.allclose(curve[0], curve[1])  # and differently per example
 
 
 def test_mixup_targets_stay_distributions():
