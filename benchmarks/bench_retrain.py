@@ -89,8 +89,7 @@ def train_base(data: Path, epochs: int, state: Path) -> Path:
     print(f"base model: trained on fold 1 in {time.perf_counter() - t0:.0f} s "
           f"({len(result.history)} epochs); fold 3: accuracy {m['accuracy']:.3f}, "
           f"macro-F1 {m['macro_f1']:.3f}")
-    ckpt = dict(result.checkpoint, torch=str(result.checkpoint["torch"]))  # weights_only-safe
-    return save_checkpoint(ckpt, state / "bench-base.pt")
+    return save_checkpoint(result.checkpoint, state / "bench-base.pt")
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:

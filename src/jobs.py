@@ -577,9 +577,7 @@ def _execute(job_id: str, me: str, on_progress: ProgressCallback | None,
                      cache_dir=settings.cache_dir, on_epoch=on_epoch)
     _report(job_id, {"stage": "publishing", "epoch": len(result.history), "epochs": epochs},
             on_progress, settings)
-    ckpt = dict(result.checkpoint, torch=str(result.checkpoint.get("torch", "")))  # plain str:
-    # torch.__version__ is a TorchVersion, which weights_only loading refuses
-    tmp = save_checkpoint(ckpt, settings.state_dir / "tmp" / f"{version}.pt")
+    tmp = save_checkpoint(result.checkpoint, settings.state_dir / "tmp" / f"{version}.pt")
     try:
         _db_retry(_publish, job_id, me, tmp, version, settings)
     finally:

@@ -245,9 +245,7 @@ def train_base(stack: Stack, base_data: Path, cache: Path | None = None) -> str:
         else:
             pytest.fail(f"the base model did not reach test macro-F1 {BASE_MIN_F1} with three "
                         f"seeds ({scores}): the ML core's training changed", pytrace=False)
-        # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses
-        ckpt = dict(result.checkpoint, torch=str(result.checkpoint["torch"]))
-        cached = save_checkpoint(ckpt, cached or stack.tmp / "base-1.pt")
+        cached = save_checkpoint(result.checkpoint, cached or stack.tmp / "base-1.pt")
     assert load_checkpoint(cached)["metrics"]["test_folds"] == [3]
     registry.publish(cached, "base-1", models_dir=stack.base_models)
     registry.activate("base-1", models_dir=stack.base_models)
