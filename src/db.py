@@ -289,6 +289,8 @@ def _install_error_translation(engine: Engine) -> None:
     @event.listens_for(engine, "handle_error")
     def translate(ctx: sa.engine.ExceptionContext) -> None:
         orig = ctx.original_exception
+        if ctx.is_pre_ping:  # let the pool's pre-ping see the error and reconnect
+            return
         if ctx.connection is None or ctx.is_disconnect:
             reason = " ".join(str(orig).split()).rstrip(".?! ") or type(orig).__name__
             raise DatabaseUnavailable(

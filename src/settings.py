@@ -43,6 +43,16 @@ class Settings(BaseSettings):
     gate_margin: float = Field(0.01, description="Promote if new macro-F1 >= served - margin.")
     retrain_soft_limit_s: int = Field(3300, description="Celery soft time limit of a retrain.")
     retrain_hard_limit_s: int = Field(3600, description="Celery hard time limit of a retrain.")
+    retrain_base_clips: int = Field(
+        1500, description="Base training clips mixed into a retrain (fixed-seed sample; 0 = all).")
+    job_heartbeat_s: float = Field(10.0, description="How often a running retrain touches its "
+                                   "heartbeat.")
+    job_stale_after_s: float = Field(120.0, description="A running job silent this long is "
+                                     "marked failed (worker died).")
+    job_queue_timeout_s: float = Field(900.0, description="A queued job no worker took this "
+                                       "long is marked failed.")
+    broker_timeout_s: float = Field(3.0, description="Broker connect timeout when queuing a job "
+                                    "(Redis down fails fast).")
 
     torch_threads: int = Field(0, description="torch threads per process; 0 = leave default.")
     model_poll_s: float = Field(0.5, description="How often web processes look for a new model.")

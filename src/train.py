@@ -133,9 +133,14 @@ def retrain(
     va = Split.load([merged[i] for i in hold], config, cache_dir, progress)
     te = Split.load(test_clips, config, cache_dir, progress)
     train_cfg = base.get("data", {}).get("train_config", {})
+    batch_size = train_cfg.get("batch_size", 32)
+    steps_per_epoch = max(2, len(tr.x) // batch_size)
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, patience=max(3, epochs // 2),
+                      # a short fine-tune has few steps: average over about one epoch, or the
+                      # EMA would stay at the base weights
+                      ema_decay=1 - 1 / steps_per_epoch,
                       widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
-                      batch_size=train_cfg.get("batch_size", 32))
+                      batch_size=batch_size)
     if not len(va.x):
         va = te
     history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress)
