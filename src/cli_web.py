@@ -45,7 +45,10 @@ def serve_environment(port: int, workers: int) -> dict[str, str]:
     env.setdefault("PROMETHEUS_MULTIPROC_DIR",
                    str((settings.state_dir / "prometheus" / f"web-{port}").resolve()))
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
-    if not settings.torch_threads and not env.get("URBANSOUND_TORCH_THREADS"):
+    # deploy/gunicorn.conf.py sizes torch threads per worker in post_fork from the real worker
+    # count; only the app's fallback config needs the hint here.
+    fallback = gunicorn_config() == ROOT / "web" / "gunicorn_conf.py"
+    if fallback and not settings.torch_threads and not env.get("URBANSOUND_TORCH_THREADS"):
         env["URBANSOUND_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
