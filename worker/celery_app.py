@@ -45,7 +45,6 @@ PUBLISH_TIMEOUT_S = 3.0  # connect timeout when queuing a job: "Redis down" must
 VISIBILITY_SLACK_S = 600  # visibility timeout = hard time limit + this
 
 _lock = threading.Lock()
-_flask_config: dict[str, Any] | None = None
 _standalone: dict[tuple[str, str], Celery] = {}
 _senders: dict[tuple[str, str], Celery] = {}
 
@@ -106,14 +105,11 @@ def celery_init_app(app: Flask) -> Celery:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
-    global _flask_config
     app.config.setdefault("CELERY", celery_config())
     celery_app = Celery(app.name, task_cls=FlaskTask, include=list(TASK_MODULES))
     celery_app.config_from_object(app.config["CELERY"])
     celery_app.set_default()
     app.extensions["celery"] = celery_app
-    with _lock:
-        _flask_config = dict(app.config["CELERY"])
     return celery_app
 
 
@@ -130,10 +126,14 @@ def standalone_app(settings: Settings | None = None) -> Celery:
 
 
 def _sending_config(settings: Settings | None) -> dict[str, Any]:
-    with _lock:
-        flask_config = _flask_config
-    if settings is None and flask_config is not None:
-        return dict(flask_config)
+    """The running Flask app's Celery config inside a request or app context, else the
+    settings'. Never a remembered global: a process that built an app earlier (tests, scripts)
+    must not keep sending to that app's broker after the settings changed."""
+    if settings is None:
+        from flask import current_app, has_app_context
+
+        if has_app_context() and "CELERY" in current_app.config:
+            return dict(current_app.config["CELERY"])
     return celery_config(settings)
 
 

@@ -5,6 +5,7 @@ set visualisations and the dashboard's plots. Each test saves a screenshot."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 from web_helpers import PASSWORD, clip_path, pick
@@ -147,10 +148,18 @@ def test_data_visualisations(system, browser, screenshot):
 
 
 def test_dashboard_plots(system, browser, screenshot):
-    browser.get(system.url + "/dashboard")
-    wait(browser, lambda b: images_loaded(b, "[data-testid=dashboard-plot]"))
+    # After the retrain test a new version was promoted: each gunicorn worker swaps within a
+    # poll interval, so reload until the page and the health endpoint name the same one.
+    deadline = time.monotonic() + 60
+    while True:
+        browser.get(system.url + "/dashboard")
+        wait(browser, lambda b: images_loaded(b, "[data-testid=dashboard-plot]"))
+        version = css(browser, "[data-testid=dashboard-version]").text
+        served = system.api("GET", "/api/v1/health").json()["model_version"]
+        if version == served or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert len(all_css(browser, "[data-testid=dashboard-plot]")) == 4
-    version = css(browser, "[data-testid=dashboard-version]").text
-    assert version == system.api("GET", "/api/v1/health").json()["model_version"]
+    assert version == served
     assert "predictions" in css(browser, "[data-testid=drift]").text
     screenshot("dashboard")
