@@ -250,8 +250,11 @@ def fit(
     targets = torch.as_tensor(train_y)
     # The EMA of the weights is what gets validated and kept: with a few hundred validation
     # clips, single-epoch weights make early stopping chase noise; the average is steadier.
+    # A short run must not be judged by an average that still remembers the random init: the
+    # horizon 1/(1-decay) is capped at a quarter of all steps (long runs keep cfg.ema_decay).
+    decay = min(cfg.ema_decay, 1 - 4 / max(8, steps * cfg.epochs))
     ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay),
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
         use_buffers=True) if cfg.ema_decay else None)
     best_f1, best_state, bad_epochs, history = -1.0, None, 0, []
     bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress)

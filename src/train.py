@@ -111,6 +111,7 @@ def retrain(
     base: dict, new_clips: list[Clip], train_clips: list[Clip], test_clips: list[Clip],
     version: str, epochs: int = 8, lr: float = 3e-4, cache_dir: Path | None = None,
     on_epoch: EpochCallback | None = None, seed: int = 0, progress: bool = False,
+    ema_decay: float | None = None,
 ) -> TrainResult:
     """Fine-tune ``base`` on ``new_clips`` merged with ``train_clips``; evaluate on the fixed
     ``test_clips`` so the quality gate compares like with like.
@@ -138,7 +139,7 @@ def retrain(
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed, patience=max(3, epochs // 2),
                       # a short fine-tune has few steps: average over about one epoch, or the
                       # EMA would stay at the base weights
-                      ema_decay=1 - 1 / steps_per_epoch,
+                      ema_decay=ema_decay if ema_decay is not None else 1 - 1 / steps_per_epoch,
                       widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
                       batch_size=batch_size)
     if not len(va.x):

@@ -76,6 +76,5 @@ def quick_model(synthetic_data, tmp_path_factory):
     from src.train import train
 
     cache = tmp_path_factory.mktemp("cache")
-    result = train(synthetic_data, None, TrainConfig(epochs=6, patience=6, seed=0), cache_dir=cache,
-                   version="quick-1", progress=False)
-    return result
+    cfg = TrainConfig(epochs=12, patience=12, seed=0)
+    return train(synthetic_data, None, cfg, cache_dir=cache, version="quick-1", progress=False)
