@@ -104,6 +104,10 @@ def test_stereo_is_downmixed_by_averaging():
     from src.preprocessing import to_mono
 
     np.testing.assert_allclose(to_mono(data), (left[:, 0] + right[:, 0]) / 2, atol=1e-6)
+    six = np.random.default_rng(0).standard_normal((1000, 6)).astype(np.float32)
+    np.testing.assert_allclose(to_mono(six), six.mean(axis=1), atol=1e-6)
+    assert to_mono(six[:, :1]).flags.c_contiguous  # soxr wants contiguous input
+    np.testing.assert_array_equal(to_mono(six[:, 0]), six[:, 0])
 
 
 def test_level_normalisation_makes_clips_gain_invariant():
