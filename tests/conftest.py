@@ -27,6 +27,14 @@ def require(path: Path, what: str) -> Path:
     return path
 
 
+@pytest.fixture()
+def closed_port_url() -> str:
+    """A Postgres URL nothing listens on: the port was free a moment ago."""
+    from web_helpers import free_port
+
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/urbansound"
+
+
 @pytest.fixture(scope="session")
 def us8k() -> Path:
     return require(US8K / "metadata" / "UrbanSound8K.csv", "the UrbanSound8K subset").parents[1]

@@ -68,6 +68,28 @@ def unavailable(reason: str) -> None:
     pytest.skip(f"{reason}; CI runs this test")
 
 
+PG_ADMIN_URL = os.environ.get(
+    "URBANSOUND_TEST_PG_ADMIN", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+
+
+def pg_admin_engine():
+    """An autocommit engine on the test Postgres server (it creates and drops databases), or
+    ``unavailable`` saying why it cannot be reached."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                              connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        engine.dispose()
+        unavailable(f"Postgres at {engine.url.render_as_string(hide_password=True)} refused: "
+                    f"{' '.join(str(exc.orig).split())[:300]}")
+    return engine
+
+
 # --------------------------------------------------------------------------- a real server
 
 ROOT = Path(__file__).resolve().parents[1]

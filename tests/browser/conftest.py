@@ -25,14 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from web_helpers import PASSWORD, TOKEN, Gunicorn, build_us8k, pick, unavailable, us8k_rows
+from web_helpers import (
+    PASSWORD,
+    TOKEN,
+    Gunicorn,
+    build_us8k,
+    pg_admin_engine,
+    pick,
+    unavailable,
+    us8k_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 CHROMIUM = Path(os.environ.get("URBANSOUND_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("URBANSOUND_CHROMEDRIVER", "/usr/bin/chromedriver"))
-PG_ADMIN_URL = os.environ.get("URBANSOUND_TEST_PG_ADMIN",
-                              "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REDIS_DB = int(os.environ.get("URBANSOUND_TEST_BROWSER_REDIS_DB", "11"))
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
@@ -53,15 +60,8 @@ def require_tools() -> None:
 
 def require_services():
     import redis
-    import sqlalchemy as sa
 
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        unavailable(f"Postgres not reachable ({' '.join(str(exc.orig).split())[:200]})")
+    engine = pg_admin_engine()
     try:
         redis.Redis("127.0.0.1", 6379, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:

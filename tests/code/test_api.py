@@ -251,16 +251,6 @@ def test_database_down_is_503(make_app, monkeypatch, closed_port_url, auth):
     assert client.get("/api/v1/models").status_code == 200  # the registry is files
 
 
-@pytest.fixture()
-def closed_port_url() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/urbansound"
-
-
 # --------------------------------------------------------------------------- retrain and jobs
 
 def test_retrain_needs_a_token(client, no_sender):

@@ -8,36 +8,19 @@ Set ``URBANSOUND_TEST_PG_ADMIN`` to use another server (a URL to an existing dat
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
+from web_helpers import pg_admin_engine
 
-PG_ADMIN_URL = os.environ.get(
-    "URBANSOUND_TEST_PG_ADMIN", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
 APP_TABLES = ("clips", "upload_rejects", "uploads", "training_jobs", "model_versions")
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"Postgres is required in CI but {reason}", pytrace=False)
-    pytest.skip(f"Postgres not available ({reason}); CI runs these tests")
 
 
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[sa.Engine]:
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
-                              connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        engine.dispose()
-        _unavailable(f"{engine.url.render_as_string(hide_password=True)} refused: "
-                     f"{' '.join(str(exc.orig).split())}")
+    engine = pg_admin_engine()
     yield engine
     engine.dispose()
 
@@ -128,14 +111,3 @@ def pg_empty(pg_scratch_url: str) -> str:
 def empty_db_url(request: pytest.FixtureRequest) -> str:
     """A database without any tables on each backend in turn (for migration tests)."""
     return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_empty")
-
-
-@pytest.fixture()
-def closed_port_url() -> str:
-    """A Postgres URL nothing listens on: the port was free a moment ago."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/urbansound"

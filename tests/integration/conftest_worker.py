@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from web_helpers import build_us8k, clip_path, pick, unavailable, us8k_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-US8K = ROOT.parent / "shared" / "us8k"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_DB = int(os.environ.get("URBANSOUND_TEST_REDIS_DB", "9"))
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
@@ -58,13 +57,6 @@ WORKER_ENV = {
 }
 
 
-def unavailable(reason: str) -> None:
-    """CI must have the services; elsewhere a missing service skips, saying which."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must provide it)", pytrace=False)
-    pytest.skip(f"{reason}; CI runs these tests")
-
-
 def require_redis() -> None:
     import redis
 
@@ -81,43 +73,6 @@ def redis_client():
 
 
 # --------------------------------------------------------------------------- real clips
-
-def us8k_rows() -> list[dict[str, str]]:
-    meta = US8K / "metadata" / "UrbanSound8K.csv"
-    if not meta.is_file():
-        unavailable(f"the UrbanSound8K subset is not at {US8K}")
-    with open(meta, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [r for r in rows if clip_path(r).is_file()]
-
-
-def pick(rows: list[dict[str, str]], fold: int, per_class: int, skip: int = 0) -> list[dict]:
-    """``per_class`` clips of each class of ``fold`` after the first ``skip`` (sorted by name,
-    so picks are stable and disjoint for different ``skip``)."""
-    by_class: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(rows, key=lambda r: r["slice_file_name"]):
-        if int(r["fold"]) == fold:
-            by_class[r["class"]].append(r)
-    return [r for cls in sorted(by_class) for r in by_class[cls][skip : skip + per_class]]
-
-
-def clip_path(row: dict[str, str]) -> Path:
-    return US8K / "audio" / f"fold{row['fold']}" / row["slice_file_name"]
-
-
-def build_small_us8k(dst: Path, rows: list[dict[str, str]]) -> Path:
-    """An UrbanSound8K-layout folder of symlinks to the shared clips (nothing is copied)."""
-    (dst / "metadata").mkdir(parents=True)
-    with open(dst / "metadata" / "UrbanSound8K.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r)
-            link = dst / "audio" / f"fold{r['fold']}" / r["slice_file_name"]
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(clip_path(r))
-    return dst
-
 
 def upload_items(rows: list[dict[str, str]], label: str | None = None) -> list[tuple[str, Path]]:
     """(``"<label>/<file>"``, path) pairs, as a browser folder upload names them; ``label``
@@ -175,7 +130,7 @@ def make_stack(tmp: Path, db_url: str, cache: Path | None = None) -> Stack:
     rows = us8k_rows()
     test_rows = pick(rows, 3, 6)
     data_rows = [r for r in rows if int(r["fold"]) >= 4] + pick(rows, 1, 10) + test_rows
-    data_dir = build_small_us8k(tmp / "data", data_rows)
+    data_dir = build_us8k(tmp / "data", data_rows)
     env = {
         "URBANSOUND_STATE_DIR": str(tmp / "state"),
         "URBANSOUND_DATA_DIR": str(data_dir),
@@ -189,7 +144,7 @@ def make_stack(tmp: Path, db_url: str, cache: Path | None = None) -> Stack:
     stack = Stack(tmp, db_url, env, rows=rows)
     db.upgrade(db_url)
     # The base also trains on the test clips (as a "fold 10" copy): see train_base.
-    base_data = build_small_us8k(tmp / "base-data", data_rows)
+    base_data = build_us8k(tmp / "base-data", data_rows)
     add_fold_copy(base_data, test_rows, 10)
     stack.base_version = train_base(stack, base_data, cache)
     stack.reset()
