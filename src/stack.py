@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,12 +62,8 @@ DEFAULT_FLOWER_PORT = 5555
 WORKER_NICE = 5
 
 
-class StackError(Exception):
+class StackError(UserError):
     """A stack operation that cannot be done; ``message`` is one line saying why."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 @dataclass
