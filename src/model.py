@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distill import Teachers, distillation_loss
 from .errors import UserError
 from .evaluation import classification_metrics
 from .preprocessing import (
@@ -174,6 +175,8 @@ class TrainConfig:
     split_seed: int = 0  # which recordings validate: fixed, so runs with other seeds compare
     widths: tuple[int, ...] = (16, 32, 64, 128)
     dropout: float = 0.3
+    distill_weight: float = 0.7  # with teachers: share of the loss that is their soft targets
+    distill_temperature: float = 2.0
     class_weighting: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -233,11 +236,13 @@ def fit(
     val_x: torch.Tensor, val_y: np.ndarray,
     cfg: TrainConfig, classes: tuple[str, ...] = CLASSES,
     on_epoch: EpochCallback | None = None, progress: bool = True,
+    teachers: Teachers | None = None,
 ) -> list[dict]:
     """A plain loop (as in pytorch/examples): augment → forward → loss → step, then validate.
 
     Early stopping watches validation macro-F1 (the metric we report; accuracy rewards the
-    big classes) and the best weights are restored at the end.
+    big classes) and the best weights are restored at the end. With ``teachers`` the loss
+    also pulls the student towards their soft targets (see ``distill``).
     """
     from tqdm import tqdm
 
@@ -276,7 +281,11 @@ def fit(
             y = F.one_hot(targets[idx], len(classes)).float()
             if cfg.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < cfg.mixup_prob:
                 x, y = mixup(x, y, gen, cfg.mixup_alpha)
-            loss = soft_cross_entropy(model.classify(x), y, loss_fn)
+            logits = model.classify(x)
+            loss = soft_cross_entropy(logits, y, loss_fn)
+            if teachers is not None:
+                soft = distillation_loss(logits, teachers(x), cfg.distill_temperature)
+                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

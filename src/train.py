@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .datasets import Clip, DatasetError, read_class_folders, read_dataset, summarise
+from .distill import Teachers
 from .features import load_waveforms
 from .model import (
     AudioCNN,
@@ -86,7 +87,9 @@ def train(
     data_dir: Path, test_folds: set[int] | None = None, cfg: TrainConfig | None = None,
     config: FeatureConfig | None = None, cache_dir: Path | None = None,
     version: str = "dev", on_epoch: EpochCallback | None = None, progress: bool = True,
+    teachers: list[dict] | None = None,
 ) -> TrainResult:
+    """Train from scratch; with ``teachers`` (checkpoints) distil their ensemble into it."""
     cfg = cfg or TrainConfig()
     config = config or FeatureConfig()
     set_threads()
@@ -96,13 +99,17 @@ def train(
     va = Split.load(val_clips, config, cache_dir, progress)
     te = Split.load(test_clips, config, cache_dir, progress)
     model = new_model(tr.x, cfg, config)
-    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress)
+    teacher = (Teachers([build_model(t) for t in teachers], model, cfg.distill_temperature)
+               if teachers else None)
+    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
+                  teachers=teacher)
     metrics = evaluate_model(model, te.x, te.y, CLASSES)
     metrics["split"] = how
     metrics["test_folds"] = sorted(test_folds) if test_folds else None
     data = {"train": summarise(tr.clips), "validation": summarise(va.clips),
             "test": summarise(te.clips), "source_dir": str(data_dir), "split": how,
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "teachers": [t["version"] for t in teachers or []]}
     ckpt = make_checkpoint(model, CLASSES, version, None, metrics, data, history)
     return TrainResult(ckpt, model, metrics, history)
 

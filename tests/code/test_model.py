@@ -91,3 +91,28 @@ def test_prediction_contract(quick_model, us8k):
     assert p.model_version == "quick-1"
     batch = predictor.predict_many([clip.path, clip.path.read_bytes()])
     assert batch[0].label == batch[1].label == p.label
+
+
+def test_teachers_see_their_own_standardisation_and_average_probabilities():
+    from src.distill import TeacherError, Teachers
+    from src.model import AudioCNN
+
+    torch.manual_seed(0)
+    config = FeatureConfig(sample_rate=8000, clip_seconds=1.0, fmax=4000.0)
+    bands = config.n_mels
+    student = AudioCNN(config=config, mean=np.full(bands, -40.0), std=np.full(bands, 10.0))
+    a = AudioCNN(config=config, mean=np.full(bands, -30.0), std=np.full(bands, 5.0)).eval()
+    b = AudioCNN(config=config).eval()
+    wave = torch.randn(3, config.n_samples)
+    teachers = Teachers([a, b], student, temperature=2.0)
+    with torch.no_grad():
+        expected = (torch.softmax(a(wave) / 2, 1) + torch.softmax(b(wave) / 2, 1)) / 2
+        got = teachers(student.features(wave))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    teachers.train()
+    assert not any(m.training for m in teachers.models)  # BN statistics stay as trained
+    other = AudioCNN(config=FeatureConfig(sample_rate=8000, clip_seconds=2.0, fmax=4000.0))
+    with pytest.raises(TeacherError, match="other features"):
+        Teachers([other], student)
+    with pytest.raises(TeacherError, match="at least one"):
+        Teachers([], student)

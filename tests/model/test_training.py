@@ -48,3 +48,25 @@ def test_retrain_fine_tunes_from_the_checkpoint(quick_model, synthetic_data, tmp
     assert result.test_metrics["accuracy"] >= 0.5
     labels = encode_labels([c.label for c in test])
     assert np.bincount(labels).min() > 0 and torch.is_tensor(result.model.head.weight)
+
+
+def test_distilled_student_follows_its_teachers_not_the_labels(quick_model, synthetic_data,
+                                                              tmp_path):
+    """With the whole loss on the soft targets, a student trained on deliberately wrong labels
+    still learns what the teacher predicts: the targets really come from the teachers."""
+    from src.distill import Teachers
+    from src.model import build_model, predict_logits
+
+    teacher = build_model(quick_model.checkpoint)
+    config = teacher.config
+    train = Split.load(read_class_folders(synthetic_data / "train"), config, tmp_path, False)
+    test = Split.load(read_class_folders(synthetic_data / "test"), config, tmp_path, False)
+    wrong = (train.y + 1) % 10
+    cfg = TrainConfig(epochs=10, patience=10, seed=1, distill_weight=1.0, distill_temperature=1.0)
+    student = new_model(train.x, cfg, config)
+    fit(student, train.x, wrong, test.x[:0], test.y[:0], cfg, progress=False,
+        teachers=Teachers([teacher], student, cfg.distill_temperature))
+    said = predict_logits(student, test.x).argmax(1).numpy()
+    taught = predict_logits(teacher, test.x).argmax(1).numpy()
+    assert (said == taught).mean() >= 0.6
+    assert (said == (test.y + 1) % 10).mean() <= 0.2
