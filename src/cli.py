@@ -7,6 +7,7 @@ with a non-zero exit (``cli_common.friendly_errors``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -41,19 +42,25 @@ def train(
                                  "(counted once the learning rate has peaked)."),
     activate: bool = typer.Option(True, help="Serve the new version once trained."),
     out: Path = typer.Option(None, help="Also write the checkpoint to this path."),
+    teacher: list[str] = typer.Option(None, "--teacher", help="Distil the ensemble of these "
+                                      "checkpoints (files or registered versions; repeat)."),
+    distill_weight: float = typer.Option(0.7, min=0.0, max=1.0,
+                                         help="With --teacher: weight of the soft targets."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model from scratch, evaluate it on the held-out test clips and register it."""
     from . import registry
-    from .model import TrainConfig, save_checkpoint
+    from .model import TrainConfig, load_checkpoint, save_checkpoint
     from .train import train as run_training
 
     settings = get_settings()
     data = data or ensure_default_data()
     version = registry.new_version_name()
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
+                      distill_weight=distill_weight)
+    teachers = [load_checkpoint(resolve_model(t)) for t in teacher or []]
     result = run_training(data, set(test_fold or []) or None, cfg, cache_dir=settings.cache_dir,
-                          version=version, progress=not quiet)
+                          version=version, progress=not quiet, teachers=teachers)
     m = result.test_metrics
     typer.echo(f"test ({m['split']}): accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
                f"  loss {m['loss']:.3f}  n={m['n']}")
@@ -92,12 +99,18 @@ def ensure_default_data() -> Path:
     return data
 
 
-def resolve_model(model: Path | None) -> Path:
+def resolve_model(model: Path | str | None) -> Path:
+    """A checkpoint file, a registered version's name, or (None) the served version."""
     from . import registry
 
-    if model:
-        return model
-    return registry.current(get_settings().models_dir)[1]
+    models_dir = get_settings().models_dir
+    if not model:
+        return registry.current(models_dir)[1]
+    if not Path(model).is_file():
+        with contextlib.suppress(registry.RegistryError):  # not a version name either
+            if registry.version_path(str(model), models_dir).is_file():
+                return registry.version_path(str(model), models_dir)
+    return Path(model)  # load_checkpoint reports a missing file
 
 
 @app.command()

@@ -20,6 +20,12 @@ def top_confusions(metrics: dict, k: int = 5) -> list[tuple[str, str, int, float
             for n, i, j in off[:k]]
 
 
+def _distillation(data: dict) -> str:
+    cfg = data.get("train_config", {})
+    return (f"{cfg.get('distill_weight', '?')} of the loss is their averaged soft targets at "
+            f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
+
+
 def render(ckpt: dict, reproduce: str = "") -> str:
     m, data = ckpt["metrics"], ckpt.get("data", {})
     cfg, arch = ckpt["feature_config"], ckpt["arch"]
@@ -49,6 +55,9 @@ def render(ckpt: dict, reproduce: str = "") -> str:
         *([f"- Fine-tuned from `{data['fine_tuned_from']}` on "
            f"{data.get('new_clips', {}).get('n', '?')} further clips merged with its training "
            "data (the retraining path)."] if data.get("fine_tuned_from") else []),
+        *([f"- Distilled from the ensemble of {len(data['teachers'])} models trained on the "
+           f"same split with other seeds ({', '.join(f'`{t}`' for t in data['teachers'])}): "
+           f"{_distillation(data)}."] if data.get("teachers") else []),
         "",
         "## Metrics on the test fold(s)",
         "",

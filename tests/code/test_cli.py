@@ -93,3 +93,17 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     version, path = registry.current(tmp_path / "models")
     assert path.is_file() and version in proc.stdout
     assert (tmp_path / "var" / "reports" / version / "confusion_matrix.png").is_file()
+
+    # a registered version can teach the next one (distillation), by name
+    proc = run("train", "--data", str(synthetic_data), "--epochs", "2", "--quiet",
+               "--teacher", version, env=env)
+    assert proc.returncode == 0, proc.stderr
+    student, student_path = registry.current(tmp_path / "models")
+    assert student != version
+    from src.model import load_checkpoint
+
+    assert load_checkpoint(student_path)["data"]["teachers"] == [version]
+    missing = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
+                  "--teacher", "no-such-version", env=env)
+    assert_one_line_error(missing)
+    assert "no-such-version" in missing.stderr

@@ -1,0 +1,34 @@
+"""The model card is generated from the checkpoint, so it must say what the checkpoint says."""
+
+from __future__ import annotations
+
+import copy
+
+from src.model import load_checkpoint
+from src.model_card import render, top_confusions
+
+
+def test_committed_card_matches_the_served_checkpoint(committed_model):
+    ckpt = load_checkpoint(committed_model)
+    card = (committed_model.parent / "MODEL_CARD.md").read_text()
+    m = ckpt["metrics"]
+    assert card.startswith(f"# Model card — `{ckpt['version']}`")
+    assert f"accuracy **{m['accuracy']:.3f}**, macro-F1 **{m['macro_f1']:.3f}**" in card
+    for name, s in m["per_class"].items():
+        assert f"| {name} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} |" in card
+    for teacher in ckpt["data"].get("teachers", []):
+        assert f"`{teacher}`" in card
+
+
+def test_card_names_teachers_and_the_largest_confusions(quick_model):
+    ckpt = copy.deepcopy(quick_model.checkpoint)
+    assert "Distilled" not in render(ckpt)
+    ckpt["data"]["teachers"] = ["t-1", "t-2"]
+    ckpt["data"]["train_config"].update(distill_weight=0.7, distill_temperature=2.0)
+    card = render(ckpt, "urbansound train ...")
+    assert "ensemble of 2 models" in card and "`t-1`, `t-2`" in card
+    assert "0.7 of the loss" in card and "temperature 2.0" in card
+    true, predicted, n, _share = top_confusions(ckpt["metrics"], k=1)[0]
+    cm = ckpt["metrics"]["confusion_matrix"]
+    assert n == max(cm[i][j] for i in range(10) for j in range(10) if i != j)
+    assert f"{true} → {predicted} ({n}," in card and "urbansound train ..." in card
