@@ -26,7 +26,8 @@ def _distillation(data: dict) -> str:
             f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
 
 
-def render(ckpt: dict, reproduce: str = "") -> str:
+def render(ckpt: dict, reproduce: str = "", notes: list[str] | None = None) -> str:
+    """``notes``: further limits known to whoever trained the model (one bullet each)."""
     m, data = ckpt["metrics"], ckpt.get("data", {})
     cfg, arch = ckpt["feature_config"], ckpt["arch"]
     train, val, test = data.get("train", {}), data.get("validation", {}), data.get("test", {})
@@ -56,7 +57,7 @@ def render(ckpt: dict, reproduce: str = "") -> str:
            f"{data.get('new_clips', {}).get('n', '?')} further clips merged with its training "
            "data (the retraining path)."] if data.get("fine_tuned_from") else []),
         *([f"- Distilled from the ensemble of {len(data['teachers'])} models trained on the "
-           f"same split with other seeds ({', '.join(f'`{t}`' for t in data['teachers'])}): "
+           f"same split, each with its own seed ({', '.join(f'`{t}`' for t in data['teachers'])}): "
            f"{_distillation(data)}."] if data.get("teachers") else []),
         "",
         "## Metrics on the test fold(s)",
@@ -85,6 +86,7 @@ def render(ckpt: dict, reproduce: str = "") -> str:
         "confidence is the only hint. Clips are cut or tiled to 4 s; events longer than that "
         "are judged on their first 4 s.",
         "- Level is normalised per clip, so loudness carries no information (by design).",
+        *[f"- {note}" for note in notes or []],
         "",
     ]
     if reproduce:
