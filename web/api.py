@@ -426,7 +426,7 @@ def health_data() -> dict[str, Any]:
         model_uptime = round(time.time() - datetime.fromisoformat(activated).timestamp(), 1)
     elif predictor is not None and st.predictors.loaded_at:
         model_uptime = round(time.time() - st.predictors.loaded_at, 1)
-    uptime = st.monitor.summary().get("uptime_s")
+    uptime = st.monitor.uptime_s()
     return {
         "status": "ok",
         "uptime_s": uptime,

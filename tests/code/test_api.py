@@ -374,6 +374,9 @@ def test_health(client):
     assert body["status"] == "ok" and body["model_loaded"] is True
     assert body["model_version"] == "quick-1" and body["model_activated_at"]
     assert body["process_uptime_s"] >= 0 and body["model_uptime_s"] >= 0 and body["version"]
+    # the cheap up-time (start-time gauge only) agrees with the full metrics summary's
+    summary = client.get("/api/v1/metrics").get_json()
+    assert body["uptime_s"] is not None and abs(body["uptime_s"] - summary["uptime_s"]) < 5
 
 
 def test_ready(client):
