@@ -81,8 +81,8 @@ def bench_predict(files: list[Path], model_path: Path, repeats: int) -> list[flo
     torch.set_num_threads(1)
     predictor = Predictor(model_path)
     blobs = [f.read_bytes() for f in files]
-    for b in blobs[:3]:
-        predictor.predict(b)  # warm-up
+    for b in blobs:
+        predictor.predict(b)  # warm-up: one pass (TorchScript profiling runs, soxr plans)
     times = []
     for _ in range(repeats):
         for b in blobs:
@@ -107,8 +107,8 @@ def bench_naive(files: list[Path], repeats: int) -> list[float]:
             logits = model(torch.from_numpy(mel)[None, None])
         return int(logits.argmax())
 
-    for b in blobs[:3]:
-        run(b)
+    for b in blobs:
+        run(b)  # the same warm-up as ours
     times = []
     for _ in range(repeats):
         for b in blobs:
