@@ -108,8 +108,9 @@ def resolve_model(model: Path | str | None) -> Path:
         return registry.current(models_dir)[1]
     if not Path(model).is_file():
         with contextlib.suppress(registry.RegistryError):  # not a version name either
-            if registry.version_path(str(model), models_dir).is_file():
-                return registry.version_path(str(model), models_dir)
+            registered = registry.version_path(str(model), models_dir)
+            if registered.is_file():
+                return registered
     return Path(model)  # load_checkpoint reports a missing file
 
 

@@ -192,10 +192,9 @@ class Monitor:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         files = [str(f) for f in self.path.glob("gauge_min_*.db")]
-        started = [s.value for family in MultiProcessCollector.merge(files, accumulate=False)
-                   if family.name == "urbansound_start_time_seconds"
-                   for s in family.samples if s.value > 0]
-        return round(time.time() - min(started), 1) if started else None
+        return uptime_from([s.value for family in MultiProcessCollector.merge(files, False)
+                            if family.name == "urbansound_start_time_seconds"
+                            for s in family.samples])
 
     def summary(self, model: dict[str, Any] | None = None) -> dict[str, Any]:
         """The JSON view: requests, error rates, latency percentiles, class mix, confidence."""
@@ -264,6 +263,12 @@ def _percentiles_ms(buckets: list[tuple[float, float]], count: float, total: flo
     return out
 
 
+def uptime_from(start_times: list[float]) -> float | None:
+    """Seconds since the earliest worker started (unset gauges read 0 and are ignored)."""
+    started = [t for t in start_times if t > 0]
+    return round(time.time() - min(started), 1) if started else None
+
+
 def summarise(samples: dict[str, list[tuple[str, dict[str, str], float]]],
               model: dict[str, Any] | None = None) -> dict[str, Any]:
     requests = samples.get("urbansound_http_requests", [])
@@ -298,9 +303,9 @@ def summarise(samples: dict[str, list[tuple[str, dict[str, str], float]]],
 
     served = {labels["version"]: int(value)
               for _, labels, value in samples.get("urbansound_model_served", []) if value}
-    started = [v for _, _, v in samples.get("urbansound_start_time_seconds", []) if v > 0]
+    started = [v for _, _, v in samples.get("urbansound_start_time_seconds", [])]
     return {
-        "uptime_s": round(time.time() - min(started), 1) if started else None,
+        "uptime_s": uptime_from(started),
         "requests": {"total": total, "by_status_class": dict(sorted(by_status.items())),
                      "by_endpoint": dict(sorted(by_endpoint.items()))},
         "error_rate": round(server_errors / total, 4) if total else 0.0,
