@@ -97,6 +97,15 @@ class UploadSource(StrEnum):
     cli = "cli"
 
 
+class ClipRole(StrEnum):
+    """What an accepted upload is for. Unset until a retrain decides: with a data set installed
+    every upload trains; without one, a recording-grouped slice is held out as the gate's test
+    set, and a held-out clip never trains (nor does any later clip of the same recording)."""
+
+    train = "train"
+    test = "test"
+
+
 class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
@@ -162,6 +171,7 @@ class UploadedClip(Base):
     """An accepted file, stored under ``uploads_dir / path``; the unit retraining consumes."""
 
     __tablename__ = "clips"
+    __table_args__ = (sa.CheckConstraint(_in("role", list(ClipRole)), name="role"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     upload_id: Mapped[int] = mapped_column(sa.ForeignKey("uploads.id"), index=True)
@@ -176,6 +186,7 @@ class UploadedClip(Base):
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     used_in_job_id: Mapped[str | None] = mapped_column(sa.ForeignKey("training_jobs.id"),
                                                        index=True)
+    role: Mapped[str | None] = mapped_column(sa.String(8), index=True)  # ClipRole, or undecided
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=sa.func.now(),
                                                  index=True)
 

@@ -6,8 +6,9 @@ Used by the web app (bulk upload) and the CLI (``urbansound data upload``). The 
   (and are recorded in ``upload_rejects``) with a stable ``code`` and a message for people.
   Codes: ``not_found``, ``empty``, ``too_large``, ``not_audio``, ``undecodable``, ``bad_rate``,
   ``bad_channels``, ``too_short``, ``too_long``, ``silent``, ``non_finite``, ``unknown_label``,
-  ``duplicate``, ``unsafe_path``, ``nested_archive``, ``unsupported_archive``, ``bad_archive``,
-  ``too_many_files``, ``archive_too_large``.
+  ``duplicate``, ``in_test_set`` (belongs to the quality gate's test set), ``unsafe_path``,
+  ``nested_archive``, ``unsupported_archive``, ``bad_archive``, ``too_many_files``,
+  ``archive_too_large``.
 * Nothing accepted is lost and nothing half-done is left: files are staged (fsynced) while
   they are checked, then moved into place with ``os.replace`` and recorded in one transaction;
   if that transaction fails, the files it placed are removed again. Files are written before
@@ -42,7 +43,7 @@ import time
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -51,7 +52,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import datasets
-from .db import JobStatus, TrainingJob, Upload, UploadedClip, UploadReject, UploadSource
+from .db import (
+    ClipRole,
+    JobStatus,
+    TrainingJob,
+    Upload,
+    UploadedClip,
+    UploadReject,
+    UploadSource,
+)
 from .db import session_scope as _session_scope
 from .errors import UserError
 from .files import fsync_dir
@@ -283,9 +292,11 @@ class _Batch:
     """Validates and stages one upload. Holds real state: the staged files, the hashes seen
     so far (in-batch duplicates) and the verdicts in input order."""
 
-    def __init__(self, settings: Settings, label: str | None, staging: Path):
+    def __init__(self, settings: Settings, label: str | None, staging: Path,
+                 in_test_set: Callable[[str, str], str | None] | None = None):
         self.settings = settings
         self.label = label
+        self.in_test_set = in_test_set
         self.staging = staging
         self.clip_cap = settings.max_clip_mb * MIB
         self.results: list[FileResult] = []
@@ -392,6 +403,9 @@ class _Batch:
         if result.sha256 in self.shas:
             raise _Reject("duplicate", f"Same content as {self.shas[result.sha256]} in this "
                           "upload.")
+        why = self.in_test_set(result.sha256, parts[-1]) if self.in_test_set else None
+        if why:
+            raise _Reject("in_test_set", why)
         return self._check_audio(result, data)
 
     def _check_audio(self, result: FileResult, data: bytes) -> str:
@@ -678,6 +692,7 @@ def ingest(
     client: str = "",
     session: Session | None = None,
     settings: Settings | None = None,
+    in_test_set: Callable[[str, str], str | None] | None = None,
 ) -> IngestReport:
     """Check, store and record a batch of uploaded files; returns a verdict for every file.
 
@@ -688,6 +703,10 @@ def ingest(
     overrides every folder name. ``session``: the unit of work to use; ingest commits (or rolls
     back) it itself, because the files on disk must follow the rows. Without one, a session on
     ``settings.db_url`` is opened.
+
+    ``in_test_set(sha256, name)`` says why a file belongs to the quality gate's test set (the
+    leakage guard, ``retrain_data.guard``, by default): such a file is refused, or the gate
+    would grade the model on clips it trained on.
 
     Raises ``IngestError`` for an unusable request (nothing to ingest, unknown ``label``),
     ``DatabaseUnavailable`` if the database cannot be reached (nothing is stored then).
@@ -706,7 +725,11 @@ def ingest(
     staging = settings.uploads_dir / ".incoming" / uuid.uuid4().hex
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        batch = _Batch(settings, explicit, staging)
+        if in_test_set is None:
+            from .retrain_data import guard  # it reads uploads through this module
+
+            in_test_set = guard(settings).check
+        batch = _Batch(settings, explicit, staging, in_test_set)
         for item in items:
             batch.add(item)
         if not batch.results:
@@ -727,14 +750,16 @@ def _unused_query() -> sa.Select:
     return (
         sa.select(UploadedClip)
         .where(sa.or_(UploadedClip.used_in_job_id.is_(None),
-                      UploadedClip.used_in_job_id.not_in(succeeded)))
+                      UploadedClip.used_in_job_id.not_in(succeeded)),
+               sa.or_(UploadedClip.role.is_(None), UploadedClip.role != ClipRole.test))
         .order_by(UploadedClip.id)
     )
 
 
 def unused_clips(session: Session, limit: int | None = None) -> list[UploadedClip]:
     """Accepted clips no successful retrain has absorbed yet (failed or rejected jobs do not
-    count: their model was never served, so the data still waits to be learnt)."""
+    count: their model was never served, so the data still waits to be learnt). Clips held
+    out as the gate's test set never train, so they never wait."""
     query = _unused_query()
     if limit is not None:
         query = query.limit(limit)
@@ -763,13 +788,19 @@ def mark_used(session: Session, clip_ids: Iterable[int], job_id: str) -> int:
     return n
 
 
+def upload_group(row: UploadedClip) -> str:
+    """The recording an upload came from: the fsID for files named like UrbanSound8K slices
+    (siblings then stay on one side of every split), else its content hash (each upload its
+    own recording)."""
+    stem = Path(row.original_name.replace("\\", "/").rsplit("/", 1)[-1]).stem
+    match = datasets.US8K_NAME.match(stem)
+    return match.group("fsid") if match else row.sha256
+
+
 def clips_as_dataset(
     clips: Iterable[UploadedClip], uploads_dir: Path | None = None
 ) -> list[datasets.Clip]:
-    """Database rows → the ``Clip`` records the trainer takes.
-
-    Group = the US8K recording id for files named like UrbanSound8K slices (so they stay on
-    one side of a split with their siblings), else the sha256: each upload its own recording.
+    """Database rows → the ``Clip`` records the trainer takes, grouped by ``upload_group``.
     Rows whose file has gone missing are left out with a warning rather than sinking a job.
     """
     root = uploads_dir or get_settings().uploads_dir
@@ -779,10 +810,7 @@ def clips_as_dataset(
         if not path.is_file():
             log.warning("clip %s: file %s is missing; left out", c.id, path)
             continue
-        stem = Path(c.original_name.replace("\\", "/").rsplit("/", 1)[-1]).stem
-        match = datasets.US8K_NAME.match(stem)
-        group = match.group("fsid") if match else c.sha256
-        out.append(datasets.Clip(path, c.label, None, group, "upload"))
+        out.append(datasets.Clip(path, c.label, None, upload_group(c), "upload"))
     return out
 
 

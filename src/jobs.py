@@ -26,16 +26,16 @@ Life of a job (a row of ``training_jobs``)::
   job is marked failed (so it blocks nothing) and ``BrokerUnavailable`` says what to fix.
   Accepted uploads are untouched: they wait for the next job.
 
-Data for a retrain: the unused accepted uploads (``src.ingest``) merged with the base training
-data, evaluated on the base model's fixed test set (see ``base_datasets``), so the gate compares
-the candidate and the served model on exactly the same clips.
+Data for a retrain (``src.retrain_data``): the unused accepted uploads merged with the base
+training data, graded on the base model's fixed test set (its test folds, ``data/test``, or
+with no data set a held-out slice of the uploads), so the gate compares the candidate and the
+served model on exactly the same clips.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import socket
 import threading
@@ -56,7 +56,10 @@ from .db import (
     session_scope,
     utcnow,
 )
+from .errors import UserError
+from .retrain_data import RetrainError
 from .settings import Settings, get_settings
+from .testset import spec_of
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,13 @@ class JobParamsError(ValueError):
         self.message = message
 
 
-class RetrainError(Exception):
-    """A retrain that cannot go on for a reason a person can fix; becomes the job's error."""
+class RetrainNotReady(UserError):
+    """A retrain asked for while it could only fail (nothing new to learn, no test set):
+    refused before any job exists, with what is missing and the command that fixes it."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, plan: dict[str, Any]):
         super().__init__(message)
-        self.message = message
+        self.plan = plan
 
 
 # --------------------------------------------------------------------------- settings
@@ -336,13 +340,22 @@ def check_broker(settings: Settings | None = None) -> None:
             "retraining cannot be queued until it is back.") from exc
 
 
+def retrain_plan(settings: Settings | None = None) -> dict[str, Any]:
+    """What a retrain would use now, or what is missing (see ``retrain_data.plan``)."""
+    from .retrain_data import plan
+
+    return plan(settings or get_settings())
+
+
 def request_retrain(
     requested_by: str = "", params: dict[str, Any] | None = None, *,
     send: Sender | None = None, settings: Settings | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Queue a retrain, or return the one already queued/running: ``(job, created)``.
 
-    Raises ``JobParamsError`` for bad ``params`` (``epochs``, ``lr``), ``DatabaseUnavailable``
+    Raises ``RetrainNotReady`` when no job is active and a new one could only fail (nothing
+    new to learn, no test set: the plan says what to do), ``JobParamsError`` for bad
+    ``params`` (``epochs``, ``lr``), ``DatabaseUnavailable``
     when the database is down (nothing written, nothing sent) and ``BrokerUnavailable`` when
     the task cannot be queued (the job is then recorded as failed so it blocks nothing).
     """
@@ -350,6 +363,14 @@ def request_retrain(
     clean = validate_params(params)
     with session_scope(settings.db_url) as s:
         sweep_stale_jobs(s, settings)
+        idle = s.scalar(sa.select(sa.func.count()).select_from(TrainingJob)
+                        .where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))) == 0
+    if idle:
+        plan = retrain_plan(settings)
+        if not plan["ready"]:
+            raise RetrainNotReady(plan["summary"] + " " + " ".join(
+                f"To fix: {m['fix']}." for m in plan["missing"]), plan)
+    with session_scope(settings.db_url) as s:
         job, created = get_or_create_job(s, clean, (requested_by or "")[:200])
         if created:  # the Celery task id is the job id: set it before anything can run
             job.celery_task_id = job.id
@@ -548,7 +569,7 @@ def _record_failure(job_id: str, me: str, reason: str, settings: Settings) -> bo
 def _execute(job_id: str, me: str, on_progress: ProgressCallback | None,
              settings: Settings) -> None:
     """The retrain proper; every early exit raises, and nothing is served until the end."""
-    from . import registry
+    from . import registry, retrain_data
     from .model import load_checkpoint, save_checkpoint
     from .train import retrain
 
@@ -560,31 +581,75 @@ def _execute(job_id: str, me: str, on_progress: ProgressCallback | None,
 
     base_version, base_path = registry.current(settings.models_dir)
     base = load_checkpoint(base_path)
-    train_clips, test_clips, test_how = base_datasets(base, settings)
-    new_clips, clip_ids = _new_uploads(settings)
-    train_clips = subsample(train_clips, int(setting("retrain_base_clips", settings)))
-    _update(job_id, settings, base_version=base_version, n_new_clips=len(new_clips))
+    data = retrain_data.prepare(base, settings)
+    _update(job_id, settings, base_version=base_version, n_new_clips=len(data.new))
 
     _report(job_id, {"stage": "evaluating the served model", "epoch": 0, "epochs": epochs},
             on_progress, settings)
-    served = evaluate_checkpoint(base, test_clips, settings.cache_dir)
+    served = evaluate_checkpoint(base, data.test.clips, settings.cache_dir)
+
+    curve = TrainingCurve(epochs)
 
     def on_epoch(record: dict[str, Any]) -> None:
-        _report(job_id, {"stage": "training", **_epoch_progress(record)}, on_progress, settings)
+        _report(job_id, {"stage": "training", **curve.add(record)}, on_progress, settings)
 
     version = registry.new_version_name()
-    result = retrain(base, new_clips, train_clips, test_clips, version, epochs=epochs, lr=lr,
-                     cache_dir=settings.cache_dir, on_epoch=on_epoch)
-    _report(job_id, {"stage": "publishing", "epoch": len(result.history), "epochs": epochs},
-            on_progress, settings)
+    result = retrain(base, data.new, data.base, data.test.clips, version, epochs=epochs, lr=lr,
+                     cache_dir=settings.cache_dir, on_epoch=on_epoch, carried_spec=data.spec,
+                     test_how=data.test.description,
+                     learn_without_forgetting=data.test.kind == "uploads")
+    _report(job_id, {"stage": "publishing", **curve.finish()}, on_progress, settings)
     tmp = save_checkpoint(result.checkpoint, settings.state_dir / "tmp" / f"{version}.pt")
     try:
         _db_retry(_publish, job_id, me, tmp, version, settings)
     finally:
         tmp.unlink(missing_ok=True)
-    _db_retry(_decide, job_id, me, version, base_version, result.test_metrics, served, clip_ids,
-              {"test": test_how, "n_train_base": len(train_clips), "n_new": len(new_clips),
-               "epochs_run": len(result.history), "epochs": epochs, "lr": lr}, settings)
+    extra = {"test": data.test.description, "test_kind": data.test.kind,
+             "n_test": len(data.test.clips), "n_train_base": len(data.base),
+             "n_new": len(data.new), "n_left_out": data.dropped,
+             "epochs_run": len(result.history), "epochs": epochs, "lr": lr,
+             "stopped_early": curve.stopped_early}
+    if data.test.kind == "uploads":
+        extra["served_recorded"] = _summary(base.get("metrics") or {}) | {
+            "test": spec_of(base).get("description") or "its own test set"}
+    _db_retry(_decide, job_id, me, version, base_version, result.test_metrics, served,
+              data.new_ids, extra, settings)
+
+
+class TrainingCurve:
+    """The per-epoch progress a job page draws live: loss and validation F1 of every epoch so
+    far, an ETA from the mean epoch time, and whether early stopping ended the run."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.history: list[dict[str, Any]] = []
+
+    def add(self, record: dict[str, Any]) -> dict[str, Any]:
+        point = _epoch_progress(record)
+        self.history.append({k: point.get(k) for k in ("epoch", "loss", "val_f1", "seconds")})
+        seconds = [h["seconds"] for h in self.history if h.get("seconds") is not None]
+        left = self.epochs - int(point.get("epoch") or len(self.history))
+        eta = round(sum(seconds) / len(seconds) * left, 1) if seconds else None
+        return {**point, "epochs": self.epochs, "history": list(self.history), "eta_s": eta,
+                "stopped_early": False, "stop_reason": None}
+
+    @property
+    def stopped_early(self) -> bool:
+        return 0 < len(self.history) < self.epochs
+
+    def finish(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        reason = None
+        if self.stopped_early:
+            scores = [h["val_f1"] if h.get("val_f1") is not None else -(h.get("loss") or 0)
+                      for h in self.history]
+            best = scores.index(max(scores)) + 1
+            reason = (f"Early stopping ended training after epoch {len(self.history)} of "
+                      f"{self.epochs}: no gain in validation since epoch {best}, whose "
+                      "weights were kept.")
+        return {**last, "epoch": len(self.history), "epochs": self.epochs,
+                "history": list(self.history), "eta_s": 0.0,
+                "stopped_early": self.stopped_early, "stop_reason": reason}
 
 
 def _db_retry(fn: Callable[..., Any], *args: Any, attempts: int = 4) -> Any:
@@ -640,8 +705,15 @@ def _decide(job_id: str, me: str, version: str, base_version: str, cand: dict[st
     margin = float(settings.gate_margin)
     c_f1, s_f1 = float(cand["macro_f1"]), float(served["macro_f1"])
     scores = (f"macro-F1 {c_f1:.4f} (accuracy {cand['accuracy']:.3f}) vs {s_f1:.4f} (accuracy "
-              f"{served['accuracy']:.3f}) for the served {base_version}, on the fixed test set "
-              f"({extra['test']}, n={cand['n']}); gate: candidate >= served - {margin:g}")
+              f"{served['accuracy']:.3f}) for the served {base_version}, on the test set "
+              f"{extra['test']} (n={cand['n']}); gate: candidate >= served - {margin:g}")
+    recorded = extra.get("served_recorded")
+    if recorded and recorded.get("macro_f1") is not None:
+        scores += (f"; the served model's recorded macro-F1 on {recorded['test']} is "
+                   f"{recorded['macro_f1']:.3f} (not re-checked here: install the data set to "
+                   "gate on it)")
+    if extra.get("n_left_out"):
+        scores += f"; {extra['n_left_out']} upload(s) of the test set were left out of training"
     promote = c_f1 >= s_f1 - margin
     with session_scope(settings.db_url) as s:
         job = _still_ours(s, job_id, me)
@@ -674,71 +746,6 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- data
 
-def base_datasets(base: dict[str, Any], settings: Settings) -> tuple[list, list, str]:
-    """(train, test, description) for a retrain of ``base``.
-
-    The test set is the base model's own: if its metrics name ``test_folds`` and the data
-    folder has folds, test = those folds and train = the rest; else ``data_dir/test`` and
-    ``data_dir/train``. Without test clips there is no fair gate, so the job fails.
-    """
-    from .datasets import DatasetError, read_class_folders, read_dataset
-
-    data_dir = Path(settings.data_dir)
-    folds = set((base.get("metrics") or {}).get("test_folds") or [])
-    if folds and data_dir.is_dir():
-        try:
-            clips = read_dataset(data_dir)
-        except DatasetError:
-            clips = []
-        if any(c.fold is not None for c in clips):
-            test = [c for c in clips if c.fold in folds]
-            if not test:
-                raise RetrainError(
-                    f"The served model was tested on fold(s) {sorted(folds)}, but {data_dir} "
-                    "has no clips of those folds: there is no fixed test set to gate on. Point "
-                    "URBANSOUND_DATA_DIR at the data the model was trained with.")
-            return [c for c in clips if c.fold not in folds], test, \
-                f"{data_dir} fold(s) {sorted(folds)}"
-    test_dir, train_dir = data_dir / "test", data_dir / "train"
-    try:
-        test = read_class_folders(test_dir) if test_dir.is_dir() else []
-        train = read_class_folders(train_dir) if train_dir.is_dir() else []
-    except DatasetError as exc:
-        raise RetrainError(str(exc)) from None
-    if not test:
-        where = f"fold(s) {sorted(folds)} of {data_dir} or " if folds else ""
-        raise RetrainError(
-            f"No fixed test set: found no clips in {where}{test_dir}. The quality gate needs "
-            "held-out clips (class-per-folder under data/test, or the base model's test folds "
-            "in URBANSOUND_DATA_DIR).")
-    return train, test, str(test_dir)
-
-
-def _new_uploads(settings: Settings) -> tuple[list, list[int]]:
-    """Unused accepted uploads as training clips, and their ids (to mark them used)."""
-    from .ingest import clips_as_dataset, unused_clips
-
-    with session_scope(settings.db_url) as s:
-        rows = unused_clips(s)
-        clips = clips_as_dataset(rows, settings.uploads_dir)
-    on_disk = {c.path for c in clips}
-    ids = [r.id for r in rows if settings.uploads_dir / r.path in on_disk]
-    if not clips:
-        raise RetrainError(
-            "No new accepted uploads to learn from since the last successful retrain. Upload "
-            "labelled clips first (`urbansound data upload DIR` or the upload page).")
-    return clips, ids
-
-
-def subsample(clips: list, n: int, seed: int = 0) -> list:
-    """At most ``n`` clips (0 = all), drawn with a fixed seed so every retrain of a base sees
-    the same subset and time per retrain stays bounded however large the data set grows."""
-    if n <= 0 or len(clips) <= n:
-        return list(clips)
-    picked = random.Random(seed).sample(range(len(clips)), n)
-    return [clips[i] for i in sorted(picked)]
-
-
 def evaluate_checkpoint(ckpt: dict[str, Any], clips: list, cache_dir: Path | None) -> dict:
     """Metrics of a checkpoint on ``clips``: the served side of the gate."""
     from .model import build_model, evaluate_model
@@ -756,7 +763,7 @@ __all__ = [
     "BrokerUnavailable",
     "JobParamsError",
     "RetrainError",
-    "base_datasets",
+    "RetrainNotReady",
     "check_broker",
     "evaluate_checkpoint",
     "get_job",
@@ -764,10 +771,10 @@ __all__ = [
     "list_jobs",
     "recover_orphaned_jobs",
     "request_retrain",
+    "retrain_plan",
     "run_retrain",
     "set_sender",
     "setting",
-    "subsample",
     "sweep_stale_jobs",
     "validate_params",
     "wait_for_job",

@@ -3,7 +3,10 @@
 Every knob lives here with its default so that the CLI, the web app and the worker agree,
 and so that the README's configuration table can be generated from one place. Variables are
 prefixed ``URBANSOUND_`` (``URBANSOUND_DATABASE_URL``...). Paths are relative to the working
-directory unless absolute; the embedded default keeps all mutable state under ``var/``.
+directory at the moment the settings are loaded, and resolved to absolute paths right then:
+nothing downstream may resolve a path against anything else (Flask's ``send_file``, for one,
+resolves relative paths against the ``web`` package, which once broke every chart image). The
+embedded default keeps all mutable state under ``var/``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -57,21 +60,27 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, description="torch threads per process; 0 = leave default.")
     model_poll_s: float = Field(0.5, description="How often web processes look for a new model.")
 
+    @field_validator("state_dir", "data_dir", "models_dir", mode="after")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Anchor relative paths to the working directory once, at load time."""
+        return path.expanduser().resolve()
+
     @property
     def sqlite_path(self) -> Path:
         return self.state_dir / "urbansound.db"
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.sqlite_path.resolve()}"
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
 
     @property
     def celery_broker(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{(self.state_dir / 'broker.db').resolve()}"
+        return self.broker_url or f"sqla+sqlite:///{self.state_dir / 'broker.db'}"
 
     @property
     def celery_backend(self) -> str:
-        return self.result_backend or f"db+sqlite:///{(self.state_dir / 'results.db').resolve()}"
+        return self.result_backend or f"db+sqlite:///{self.state_dir / 'results.db'}"
 
     @property
     def cache_dir(self) -> Path:

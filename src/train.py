@@ -27,6 +27,7 @@ from .model import (
     new_model,
 )
 from .preprocessing import CLASSES, FeatureConfig, encode_labels, fold_split, group_split
+from .testset import spec_for, spec_of
 
 
 @dataclass
@@ -106,8 +107,12 @@ def train(
     metrics = evaluate_model(model, te.x, te.y, CLASSES)
     metrics["split"] = how
     metrics["test_folds"] = sorted(test_folds) if test_folds else None
+    kind = "folds" if test_folds else ("folder" if how.startswith("test = ") and
+                                       "fold" not in how and "split" not in how else "split")
     data = {"train": summarise(tr.clips), "validation": summarise(va.clips),
             "test": summarise(te.clips), "source_dir": str(data_dir), "split": how,
+            "test_set": spec_for(te.clips, kind, how.removeprefix("test = "),
+                                 sorted(test_folds or [])),
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
             "teachers": [t["version"] for t in teachers or []]}
     ckpt = make_checkpoint(model, CLASSES, version, None, metrics, data, history)
@@ -118,7 +123,8 @@ def retrain(
     base: dict, new_clips: list[Clip], train_clips: list[Clip], test_clips: list[Clip],
     version: str, epochs: int = 8, lr: float = 3e-4, cache_dir: Path | None = None,
     on_epoch: EpochCallback | None = None, seed: int = 0, progress: bool = False,
-    ema_decay: float | None = None,
+    ema_decay: float | None = None, carried_spec: dict | None = None, test_how: str = "",
+    learn_without_forgetting: bool = False,
 ) -> TrainResult:
     """Fine-tune ``base`` on ``new_clips`` merged with ``train_clips``; evaluate on the fixed
     ``test_clips`` so the quality gate compares like with like.
@@ -126,16 +132,25 @@ def retrain(
     Starting from the served weights (not from scratch) keeps what the model knows and makes a
     retrain take minutes; the LR is lower than for training from scratch, and the
     standardisation statistics are kept so the base model's features mean the same thing.
+    With ``learn_without_forgetting`` (no base data to rehearse) the base model is also the
+    teacher (Li & Hoiem, 2016): its soft predictions keep the classes the uploads lack.
+
+    The new checkpoint carries everything the next retrain needs: ``carried_spec`` (the test set
+    it must be graded on, from ``retrain_data``; the base's own when not given; ``test_how``
+    describes the clips it was graded on this time), the class
+    list, the data it saw and its parent, so provenance survives any number of promotions.
     """
+
     set_threads()
     model = build_model(base)
     config = model.config
     merged = list(train_clips) + list(new_clips)
     labels = encode_labels([c.label for c in merged])
     groups = np.array([c.group for c in merged])
-    if len(set(groups.tolist())) >= 7:
+    try:
         keep, hold = group_split(labels, groups, 0.15, seed)
-    else:  # too few recordings to hold some out: validate on the test side's behaviour
+    except ValueError:  # too few recordings (per class) to hold some out: stop on the
+        # training loss, never on the test set, which would tilt the gate to the candidate
         keep, hold = np.arange(len(merged)), np.array([], dtype=int)
     tr = Split.load([merged[i] for i in keep], config, cache_dir, progress)
     va = Split.load([merged[i] for i in hold], config, cache_dir, progress)
@@ -149,13 +164,22 @@ def retrain(
                       ema_decay=ema_decay if ema_decay is not None else 1 - 1 / steps_per_epoch,
                       widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
                       batch_size=batch_size)
-    if not len(va.x):
-        va = te
-    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress)
+    teacher = (Teachers([build_model(base)], model, cfg.distill_temperature)
+               if learn_without_forgetting else None)
+    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
+                  teachers=teacher)
     metrics = evaluate_model(model, te.x, te.y, tuple(base["classes"]))
-    metrics["split"] = "fixed test set of the base model"
-    data = {"train": summarise(tr.clips), "new_clips": summarise(list(new_clips)),
-            "test": summarise(te.clips), "fine_tuned_from": base["version"],
+    spec = dict(carried_spec or spec_of(base))
+    metrics["split"] = f"test = {test_how or spec.get('description') or 'the base model test set'}"
+    # fold figures only when the folds were what it was graded on (not a held-out upload slice)
+    metrics["test_folds"] = (spec.get("folds") or None) if not learn_without_forgetting else None
+    base_data = base.get("data") or {}
+    data = {"train": summarise(tr.clips), "validation": summarise(va.clips),
+            "new_clips": summarise(list(new_clips)), "test": summarise(te.clips),
+            "test_set": spec, "graded_on": test_how or spec.get("description"),
+            "fine_tuned_from": base["version"], "learn_without_forgetting": teacher is not None,
+            "source_dir": base_data.get("source_dir"),
+            "lineage": [base["version"], *(base_data.get("lineage") or [])][:50],
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
     ckpt = make_checkpoint(model, tuple(base["classes"]), version, base["version"], metrics,
                            data, history)

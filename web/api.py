@@ -64,6 +64,12 @@ def add_request_bodies(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- predict
 
+#: A missing ``@file`` makes curl send an empty body (``--data-binary @missing.zip`` warns once
+#: and posts nothing), so say that, not which multipart field was absent.
+EMPTY_BODY = ("The request body was empty: no file was sent. Check that the file you attach "
+              "exists (curl sends an empty body when it cannot read @FILE).")
+
+
 def read_clip(settings) -> tuple[bytes, str | None]:
     """The clip's bytes from multipart ``file`` or the raw body; size-checked, name sanitised."""
     limit = settings.max_clip_mb * MIB
@@ -87,7 +93,8 @@ def read_clip(settings) -> tuple[bytes, str | None]:
     if len(data) > limit:
         raise api_error(413, "too_large", f"A clip may be at most {settings.max_clip_mb} MiB.")
     if not data:
-        raise api_error(400, "empty", "The file is empty.")
+        raise api_error(400, "empty", EMPTY_BODY if request.content_length in (None, 0)
+                        else "The file is empty.")
     return data, name
 
 
@@ -130,9 +137,54 @@ def predict(query: dict):
 
     Label one clip: the predicted class, its probability, all class probabilities, the
     model version that answered and the server-side latency."""
-    data, name = read_clip(services.state().settings)
+    settings = services.state().settings
+    data, name = read_clip(settings)
     prediction, _, latency, _ = run_prediction(data, query["top_k"])
-    return {**prediction.to_dict(), "latency_ms": round(1000 * latency, 2), "file": name}
+    out = {**prediction.to_dict(), "latency_ms": round(1000 * latency, 2), "file": name}
+    if query.get("keep"):
+        out["prediction_id"] = keep_clip(data, name)
+    return out
+
+
+def keep_clip(data: bytes, filename: str | None) -> str:
+    """Keep a predicted clip for an hour so that a wrong answer can be corrected."""
+    from src import feedback
+
+    return feedback.keep(data, secure_filename(filename or "") or None,
+                         services.state().settings)
+
+
+def store_feedback(prediction_id: str, label: str, client: str, source: str = "ui"
+                   ) -> dict[str, Any]:
+    """The kept clip of ``prediction_id`` as a labelled upload: the upload report."""
+    from src import feedback, ingest
+
+    try:
+        report = feedback.record(prediction_id, label, source=source, client=client,
+                                 settings=services.state().settings)
+    except feedback.FeedbackError as exc:
+        raise api_error(404 if exc.code == "not_found" else 400, exc.code, exc.message) \
+            from None
+    except ingest.IngestError as exc:
+        raise api_error(400, "bad_request", exc.message) from None
+    return upload_report(report)
+
+
+@api.post("/predictions/<prediction_id>/feedback")
+@api.auth_required(token_auth)
+@api.input(schemas.FeedbackIn, location="json", arg_name="body")
+@api.output(schemas.UploadReport, status_code=201)
+@api.doc(responses={
+    400: "Not JSON", 404: "Unknown prediction id, or kept longer ago than an hour",
+    422: "Unknown label", 503: "The database is unavailable"})
+def feedback(prediction_id: str, body: dict):
+    """Correct a prediction ("Wrong? It was ...").
+
+    Store the clip of a prediction made with ``?keep=true`` as a labelled upload, through the
+    same checks as any upload (a clip of the gate's test set is refused: ``in_test_set``).
+    The next retrain learns from it."""
+    return store_feedback(prediction_id, body["label"], f"api:{request.remote_addr or '-'}",
+                          source="api")
 
 
 # --------------------------------------------------------------------------- uploads
@@ -161,12 +213,18 @@ def ingest_request(source: str, client: str) -> dict[str, Any]:
         raise api_error(415, "unsupported_media_type",
                         "Send multipart/form-data with 'files', or an application/zip body.")
     if not items:
-        raise api_error(400, "no_files", "No files in the request (multipart field 'files').")
+        raise api_error(400, "no_files", EMPTY_BODY if not request.content_length
+                        else "No files in the request (multipart field 'files').")
     try:
         report = ingest.ingest(items, label=label, source=source, client=client)
     except ingest.IngestError as exc:
         code = "unknown_label" if "label" in exc.message.lower() else "no_files"
         raise api_error(400, code, exc.message) from None
+    return upload_report(report)
+
+
+def upload_report(report: Any) -> dict[str, Any]:
+    """An ``IngestReport`` as answered to clients."""
     out = report.to_dict()
     for verdict in out["accepted"] + out["rejected"]:
         verdict.pop("path", None)  # where we keep files is our business
@@ -243,7 +301,21 @@ def start_retrain(requested_by: str, params: dict[str, Any]) -> tuple[dict[str, 
                         **extra) from None
     except getattr(jobs, "JobParamsError", ()) as exc:
         raise api_error(422, "invalid_params", exc.message) from None
+    except jobs.RetrainNotReady as exc:
+        raise api_error(409, "not_ready", exc.message, plan=exc.plan) from None
     return job_out(job), created
+
+
+@api.get("/retrain/plan")
+@api.output(schemas.RetrainPlan)
+@api.doc(responses={503: "The database is unavailable"})
+def retrain_plan():
+    """What a retrain would use.
+
+    The base training clips, the new uploads and the test set the quality gate would grade
+    on, or exactly what is missing (with the command that fixes it) before a retrain can
+    run."""
+    return services.jobs_module().retrain_plan()
 
 
 @api.post("/retrain")
@@ -253,7 +325,7 @@ def start_retrain(requested_by: str, params: dict[str, Any]) -> tuple[dict[str, 
     "Location": {"description": "Poll this job", "type": "string"}})
 @api.doc(responses={
     200: "A job was already queued or running: that job (created = false)",
-    400: "The body is not valid JSON",
+    400: "The body is not valid JSON", 409: "Nothing a retrain could use yet (see `plan`)",
     422: "Bad parameters", 503: "The broker or the database is unavailable"})
 def retrain(body: dict):
     """Start a retraining job.

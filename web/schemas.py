@@ -17,6 +17,14 @@ JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed")
 class TopKQuery(Schema):
     top_k = Integer(load_default=3, validate=Range(1, 10),
                     metadata={"description": "How many of the best classes to list."})
+    keep = Boolean(load_default=False, metadata={
+        "description": "Keep the clip for an hour and return a prediction_id, so a wrong "
+        "answer can be corrected into training data (POST /predictions/<id>/feedback)."})
+
+
+class FeedbackIn(Schema):
+    label = String(required=True, validate=OneOf(CLASSES), metadata={
+        "description": "What the clip really is."})
 
 
 class PageQuery(Schema):
@@ -57,6 +65,8 @@ class PredictionOut(Schema):
     latency_ms = Float(required=True, metadata={
         "description": "Server-side time to decode the clip and run the model."})
     file = String(allow_none=True, metadata={"description": "The sanitised file name, if any."})
+    prediction_id = String(metadata={
+        "description": "With ?keep=true: the id to correct this prediction with."})
 
 
 # --------------------------------------------------------------------------- uploads
@@ -170,6 +180,35 @@ class RetrainOut(Schema):
 
 class JobList(Schema):
     items = List(Nested(JobOut), required=True)
+
+
+class PlanMissing(Schema):
+    what = String(required=True)
+    fix = String(required=True, metadata={"description": "The command or action that fixes it."})
+
+
+class PlanTestSet(Schema):
+    kind = String(required=True, validate=OneOf(["folds", "folder", "uploads"]))
+    description = String(required=True)
+    n = Integer(required=True)
+
+
+class PlanCount(Schema):
+    n = Integer(required=True)
+    description = String(required=True)
+
+
+class RetrainPlan(Schema):
+    """What a retrain would use now, or what is missing before one can run."""
+
+    ready = Boolean(required=True, metadata={
+        "description": "False: POST /retrain would be refused (409) until `missing` is fixed."})
+    served_version = String(allow_none=True)
+    base = Nested(PlanCount, required=True)
+    new_uploads = Integer(required=True)
+    test_set = Nested(PlanTestSet, allow_none=True)
+    missing = List(Nested(PlanMissing), required=True)
+    summary = String(required=True)
 
 
 # --------------------------------------------------------------------------- models

@@ -258,7 +258,35 @@ def test_retrain_needs_a_token(client, no_sender):
     assert not no_sender
 
 
-def test_retrain_queues_one_job_at_a_time(client, auth, no_sender):
+@pytest.fixture()
+def pending_upload(client, auth) -> dict:
+    """One accepted upload waiting to be learnt: what a retrain needs before it may start."""
+    r = client.post("/api/v1/uploads", headers=auth,
+                    data={"files": [(io.BytesIO(tone(2.0, 900, seed=7)), "siren/pending.wav")]})
+    assert r.status_code == 201 and r.get_json()["n_accepted"] == 1, r.get_json()
+    return r.get_json()
+
+
+def test_retrain_plan_and_refusal_until_something_is_new(client, auth, no_sender):
+    """Nothing uploaded: the plan says what is missing and a retrain is refused (409) before
+    any job exists, rather than queued to fail."""
+    plan = client.get("/api/v1/retrain/plan").get_json()
+    assert plan["ready"] is False and plan["new_uploads"] == 0
+    assert any("upload" in m["fix"] for m in plan["missing"])
+    body = assert_error(client.post("/api/v1/retrain", headers=auth), 409, "not_ready")
+    assert body["plan"]["ready"] is False and "upload" in body["error"]["message"]
+    assert not no_sender and client.get("/api/v1/jobs").get_json()["items"] == []
+
+    r = client.post("/api/v1/uploads", headers=auth,
+                    data={"files": [(io.BytesIO(tone(2.0, 700, seed=3)), "siren/one.wav")]})
+    assert r.get_json()["n_accepted"] == 1
+    plan = client.get("/api/v1/retrain/plan").get_json()
+    assert plan["ready"] is True and plan["new_uploads"] == 1 and plan["missing"] == []
+    assert plan["test_set"]["kind"] == "folder" and plan["test_set"]["n"] > 0
+    assert str(plan["test_set"]["n"]) in plan["summary"]
+
+
+def test_retrain_queues_one_job_at_a_time(client, auth, no_sender, pending_upload):
     r = client.post("/api/v1/retrain", headers=auth, json={"epochs": 2})
     assert r.status_code == 202, r.get_json()
     body = r.get_json()
@@ -287,7 +315,7 @@ def test_retrain_bad_params(client, auth, no_sender, body):
     assert not no_sender
 
 
-def test_retrain_broker_down_is_503(client, auth):
+def test_retrain_broker_down_is_503(client, auth, pending_upload):
     from src import jobs
 
     def down(_job_id):
@@ -303,7 +331,7 @@ def test_retrain_broker_down_is_503(client, auth):
     assert "broker" in body["error"]["message"]
 
 
-def test_retrain_through_the_embedded_broker(client, auth):
+def test_retrain_through_the_embedded_broker(client, auth, pending_upload):
     """No stub: the task really goes into the SQLite broker (nobody consumes it here)."""
     from src.settings import get_settings
     from worker.celery_app import celery_config
@@ -314,6 +342,44 @@ def test_retrain_through_the_embedded_broker(client, auth):
                      "Redis-only transport options; the embedded default cannot queue jobs")
     r = client.post("/api/v1/retrain", headers=auth)
     assert r.status_code == 202 and r.get_json()["job"]["status"] == "queued"
+
+
+def test_a_clip_of_the_gate_test_set_is_refused(client, auth, clip):
+    """The served model is graded on data/test; that very clip must not become training data
+    (the gate would grade it on what it learnt)."""
+    r = client.post("/api/v1/uploads", headers=auth,
+                    data={"files": [(io.BytesIO(clip), "siren/innocent-name.wav")]})
+    report = r.get_json()
+    assert report["n_accepted"] == 0, report
+    assert report["rejected"][0]["code"] == "in_test_set"
+    assert "test set" in report["rejected"][0]["message"]
+
+
+def test_wrong_prediction_becomes_training_data(client, auth):
+    """"Wrong? It was ...": a kept prediction is stored as a labelled upload, once."""
+    clip = tone(2.0, 1234, seed=11)
+    plain = client.post("/api/v1/predict", data={"file": (io.BytesIO(clip), "a.wav")})
+    assert "prediction_id" not in plain.get_json()  # kept only when asked
+    r = client.post("/api/v1/predict?keep=true", data={"file": (io.BytesIO(clip), "a.wav")})
+    pid = r.get_json()["prediction_id"]
+    url = f"/api/v1/predictions/{pid}/feedback"
+    assert_error(client.post(url, json={"label": "dog_bark"}), 401, "unauthorized")
+    assert_error(client.post(url, headers=auth, json={"label": "unicorn"}), 422,
+                 "validation_error")
+    done = client.post(url, headers=auth, json={"label": "dog_bark"})
+    assert done.status_code == 201, done.get_json()
+    report = done.get_json()
+    assert report["n_accepted"] == 1 and report["accepted"][0]["label"] == "dog_bark"
+    listing = client.get("/api/v1/uploads").get_json()
+    assert listing["items"][0]["n_accepted"] == 1
+    # stored once: the kept copy is gone, and the same clip again is a duplicate
+    assert_error(client.post(url, headers=auth, json={"label": "dog_bark"}), 404, "not_found")
+    again = client.post("/api/v1/predict?keep=true", data={"file": (io.BytesIO(clip), "b.wav")})
+    dup = client.post(f"/api/v1/predictions/{again.get_json()['prediction_id']}/feedback",
+                      headers=auth, json={"label": "siren"}).get_json()
+    assert dup["n_accepted"] == 0 and dup["rejected"][0]["code"] == "duplicate"
+    assert_error(client.post("/api/v1/predictions/not-an-id/feedback", headers=auth,
+                             json={"label": "siren"}), 404, "not_found")
 
 
 def test_job_errors(client):

@@ -17,6 +17,7 @@ from src import db
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+HEAD = "0002"  # the newest revision in migrations/versions
 
 
 def table_names(url: str) -> set[str]:
@@ -38,7 +39,7 @@ def index_names(conn: sa.Connection, table: str) -> set[str]:
 def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     db.upgrade(empty_db_url)
     assert set(db.Base.metadata.tables) <= table_names(empty_db_url)
-    assert db.current_revision(empty_db_url) == "0001"
+    assert db.current_revision(empty_db_url) == HEAD
 
     db.downgrade(empty_db_url, "base")
     assert table_names(empty_db_url) & set(db.Base.metadata.tables) == set()
@@ -47,7 +48,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     db.upgrade(empty_db_url)
     assert set(db.Base.metadata.tables) <= table_names(empty_db_url)
     db.upgrade(empty_db_url)  # repeating is a no-op, as every start may do it
-    assert db.current_revision(empty_db_url) == "0001"
+    assert db.current_revision(empty_db_url) == HEAD
 
 
 def test_models_and_migrations_agree(db_url: str) -> None:
@@ -76,7 +77,7 @@ def test_alembic_command_line(empty_db_url: str) -> None:
         done = subprocess.run(alembic + args, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr
-    assert "0001 (head)" in done.stdout
+    assert f"{HEAD} (head)" in done.stdout
     assert set(db.Base.metadata.tables) <= table_names(empty_db_url)
 
 
@@ -89,7 +90,7 @@ def test_concurrent_upgrades_take_turns(empty_db_url: str) -> None:
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-    assert db.current_revision(empty_db_url) == "0001"
+    assert db.current_revision(empty_db_url) == HEAD
 
 
 def test_cli_db_upgrade(empty_db_url: str) -> None:
@@ -100,7 +101,7 @@ def test_cli_db_upgrade(empty_db_url: str) -> None:
     runner = CliRunner()
     result = runner.invoke(db_app, ["upgrade", "--url", empty_db_url])
     assert result.exit_code == 0, result.output
-    assert "revision 0001" in result.output
+    assert f"revision {HEAD}" in result.output
     result = runner.invoke(db_app, ["downgrade", "base", "--url", empty_db_url])
     assert result.exit_code == 0, result.output
     assert "revision base" in result.output

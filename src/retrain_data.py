@@ -1,0 +1,326 @@
+"""What a retrain learns from and what it is graded on, decided in one place.
+
+The quality gate is only worth something if the candidate and the served model are graded on
+the same clips, and if none of those clips was ever trained on. So every checkpoint carries its
+**test-set spec** (``data["test_set"]``: folds, description, content hashes and recording ids of
+the test clips), and every retrain resolves it the same way:
+
+1. **the base model's test folds** in the data set (UrbanSound8K layout, or an import that kept
+   the folds in its manifest): train on the other folds;
+2. else **``data_dir/test``** (class-per-folder), training on ``data_dir/train``;
+3. else — no data set installed, the newcomer's case — **a recording-grouped slice of the
+   uploads**, held out for good (``ClipRole.test``): about a fifth of each batch of new
+   recordings, at least one. A held-out recording never trains, so the slice grows with the
+   uploads and stays honest. The model learns from the rest, with the served model as its
+   teacher (learning without forgetting: with no base data, plain fine-tuning on a few
+   classes would forget the others where the gate cannot see it).
+
+``plan`` answers, without changing anything, what a retrain would use or what is missing (the
+Training page shows it before the button; ``request_retrain`` refuses a retrain that could
+only fail). ``prepare`` does the same for a running job, fixing the held-out slice for good.
+``guard`` is the leakage check the upload path runs: a file whose content, or whose
+UrbanSound8K recording, belongs to the gate's test set is refused (``in_test_set``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from .datasets import Clip, DatasetError, group_of, read_class_folders, read_dataset
+from .db import ClipRole, UploadedClip, session_scope
+from .errors import UserError
+from .ingest import clips_as_dataset, unused_clips, upload_group
+from .settings import Settings, get_settings
+from .testset import file_sha256, spec_for, spec_of
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_FRACTION = 0.2  # of each batch of new recordings, when the uploads are the test set
+FIX_DATA = ("`urbansound data import DIR` (an UrbanSound8K copy) or `urbansound data download`")
+FIX_UPLOAD = ("upload labelled clips: the Data page, `urbansound data upload DIR` or "
+              "POST /api/v1/uploads")
+
+
+class RetrainError(UserError):
+    """A retrain that cannot go on for a reason a person can fix; becomes the job's error."""
+
+
+@dataclass
+class TestSet:
+    kind: str  # folds | folder | uploads
+    clips: list[Clip]
+    description: str
+    folds: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RetrainData:
+    base: list[Clip]  # training clips besides the new uploads
+    base_description: str
+    new: list[Clip]  # unused accepted uploads that train
+    new_ids: list[int]
+    test: TestSet
+    spec: dict[str, Any]  # the test-set spec the candidate carries forward
+    dropped: int = 0  # uploads left out because they belong to the test set
+
+
+# --------------------------------------------------------------------------- the data set
+
+def _data_set(settings: Settings) -> list[Clip]:
+    root = settings.data_dir
+    if not root.is_dir():
+        return []
+    try:
+        return read_dataset(root)
+    except DatasetError:
+        return []
+
+
+def _fixed_test(spec: dict[str, Any], settings: Settings
+                ) -> tuple[TestSet, list[Clip], str] | None:
+    """(test set, base training clips, their description) from the data set, or None."""
+    root = settings.data_dir
+    clips = _data_set(settings)
+    folds = set(spec.get("folds") or [])
+    if folds and any(c.fold in folds for c in clips):
+        test = [c for c in clips if c.fold in folds]
+        train = [c for c in clips if c.fold not in folds]
+        others = sorted({c.fold for c in train if c.fold is not None})
+        return (TestSet("folds", test, f"fold(s) {sorted(folds)} of {root}", sorted(folds)),
+                train, f"{root}" + (f" fold(s) {others}" if others else ""))
+    test_dir, train_dir = root / "test", root / "train"
+    try:
+        test = read_class_folders(test_dir) if test_dir.is_dir() else []
+        train = read_class_folders(train_dir) if train_dir.is_dir() else []
+    except DatasetError as exc:
+        raise RetrainError(str(exc)) from None
+    if test:
+        return TestSet("folder", test, str(test_dir)), train, str(train_dir)
+    return None
+
+
+# --------------------------------------------------------------------------- uploads
+
+def _uploads(session: Any) -> tuple[list[UploadedClip], list[UploadedClip], list[UploadedClip]]:
+    """(unused, used for training, held out) accepted uploads."""
+    unused = unused_clips(session)
+    waiting = {r.id for r in unused}
+    rows = session.scalars(sa.select(UploadedClip).where(UploadedClip.id.not_in(waiting))
+                           .order_by(UploadedClip.id))
+    used, held = [], []
+    for r in rows:
+        (held if r.role == ClipRole.test else used).append(r)
+    return unused, used, held
+
+
+def _hold_out(unused: list[UploadedClip], used: list[UploadedClip], held: list[UploadedClip]
+              ) -> set[int]:
+    """Ids of unused uploads to hold out: every clip of an already held-out recording, and a
+    fixed, hash-ordered fifth (at least one, if nothing is held out yet) of the new recordings
+    — never all of them, so something is left to learn from."""
+    held_groups = {upload_group(r) for r in held}
+    known = held_groups | {upload_group(r) for r in used}
+    groups = {r.id: upload_group(r) for r in unused}
+    new_groups = sorted({g for g in groups.values() if g not in known},
+                        key=lambda g: hashlib.sha256(g.encode()).hexdigest())
+    n = 0
+    if len(new_groups) > 1:
+        n = round(HOLDOUT_FRACTION * len(new_groups))
+        n = min(max(n, 0 if held else 1), len(new_groups) - 1)
+    chosen = held_groups | set(new_groups[:n])
+    return {i for i, g in groups.items() if g in chosen}
+
+
+def _in_test(clip: Clip, spec: dict[str, Any], test: list[Clip]) -> bool:
+    hashes = set(spec.get("sha256") or [])
+    recordings = set(spec.get("recordings") or []) | {c.group for c in test}
+    return clip.group in recordings or (bool(hashes) and file_sha256(clip.path) in hashes)
+
+
+# --------------------------------------------------------------------------- plan / prepare
+
+def _resolve(session: Any, spec: dict[str, Any], settings: Settings, commit_roles: bool
+             ) -> tuple[RetrainData | None, list[dict[str, str]], int]:
+    """The data of a retrain, or what is missing; with ``commit_roles`` the held-out slice is
+    recorded (flushed; the caller commits). Third item: unused uploads (before hold-out)."""
+    unused, used, held = _uploads(session)
+    fixed = _fixed_test(spec, settings)
+    missing: list[dict[str, str]] = []
+    if fixed is not None:
+        test, base, base_how = fixed
+        new_rows = unused
+    else:
+        hold = _hold_out(unused, used, held)
+        new_rows = [r for r in unused if r.id not in hold]
+        held_rows = held + [r for r in unused if r.id in hold]
+        if commit_roles:
+            for r in unused:
+                r.role = ClipRole.test if r.id in hold else ClipRole.train
+            session.flush()
+        test = TestSet("uploads", clips_as_dataset(held_rows, settings.uploads_dir),
+                       f"{len(held_rows)} held-out upload(s) from "
+                       f"{len({upload_group(r) for r in held_rows})} recording(s); no data set "
+                       f"installed at {settings.data_dir}")
+        base, base_how = [], "none (no data set installed)"
+        if not test.clips and unused:
+            missing.append({"what": "a test set for the quality gate: no data set is installed, "
+                                    "and the uploads come from a single recording, so none "
+                                    "can be held out",
+                            "fix": f"{FIX_DATA}, or upload clips of another recording"})
+    base = base + clips_as_dataset(used, settings.uploads_dir)
+    if used:
+        base_how += f" + {len(used)} upload(s) of earlier retrains"
+    new = clips_as_dataset(new_rows, settings.uploads_dir)
+    on_disk = {c.path for c in new}
+    new_ids = [r.id for r in new_rows if settings.uploads_dir / r.path in on_disk]
+    leaked = [c for c in new + base if c.source == "upload" and _in_test(c, spec, test.clips)]
+    if leaked:  # uploaded before the test set was known (a data set installed later)
+        gone = {c.path for c in leaked}
+        new_ids = [i for i, c in zip(new_ids, new, strict=True) if c.path not in gone]
+        new = [c for c in new if c.path not in gone]
+        base = [c for c in base if c.path not in gone]
+    if not new and not (unused and not test.clips):
+        what = "new uploads: every accepted upload has been learnt already"
+        fix = FIX_UPLOAD
+        if not (unused or used or held):
+            what = "uploads: none accepted yet"
+            if test.kind == "uploads":
+                fix += (" — from at least 2 recordings, since with no data set installed a "
+                        f"fifth of them is held out as the test set (or install one: {FIX_DATA})")
+        missing.append({"what": what, "fix": fix})
+    if missing:
+        return None, missing, len(unused)
+    carried = dict(spec)
+    if test.kind != "uploads":  # complete the spec (older checkpoints lack hashes)
+        carried.update(spec_for(test.clips, test.kind, test.description, test.folds))
+    data = RetrainData(base, base_how, new, new_ids, test, carried, dropped=len(leaked))
+    return data, [], len(unused)
+
+
+def plan(settings: Settings | None = None) -> dict[str, Any]:
+    """What a retrain would use now, or exactly what is missing and the command that fixes it.
+    Changes nothing. Raises ``DatabaseUnavailable`` when the database is down."""
+    from . import registry
+
+    settings = settings or get_settings()
+    try:
+        version, path = registry.current(settings.models_dir)
+        spec = spec_of(registry.read_metadata(path))
+    except UserError as exc:
+        return {"ready": False, "served_version": None, "base": {"n": 0, "description": ""},
+                "new_uploads": 0, "test_set": None,
+                "missing": [{"what": f"a served model ({exc})",
+                             "fix": "`urbansound train --data DIR`, or restore models/"}],
+                "summary": "No model is served, so there is nothing to fine-tune."}
+    with session_scope(settings.db_url) as s:
+        data, missing, n_unused = _resolve(s, spec, settings, commit_roles=False)
+    if data is None:
+        return {"ready": False, "served_version": version, "base": {"n": 0, "description": ""},
+                "new_uploads": n_unused, "test_set": None, "missing": missing,
+                "summary": "A retrain cannot run yet: " + "; ".join(m["what"] for m in missing)
+                + "."}
+    test = {"kind": data.test.kind, "description": data.test.description,
+            "n": len(data.test.clips)}
+    base_n = min(len(data.base), settings.retrain_base_clips or len(data.base))
+    summary = (f"A retrain fine-tunes {version} on {len(data.new)} new upload(s)"
+               + (f" and {base_n} base clip(s)" if base_n else "")
+               + f", then grades it against the served model on {test['n']} test clip(s) "
+               f"({data.test.description}).")
+    if data.dropped:
+        summary += f" {data.dropped} upload(s) from the test set are left out."
+    return {"ready": True, "served_version": version,
+            "base": {"n": base_n, "description": data.base_description},
+            "new_uploads": len(data.new), "test_set": test, "missing": [], "summary": summary}
+
+
+def prepare(base: dict[str, Any], settings: Settings) -> RetrainData:
+    """The data of a running retrain; records the held-out slice of the uploads for good."""
+    with session_scope(settings.db_url) as s:
+        data, missing, _ = _resolve(s, spec_of(base), settings, commit_roles=True)
+    if data is None:
+        raise RetrainError("Cannot retrain: " + "; ".join(
+            f"{m['what']} (fix: {m['fix']})" for m in missing) + ".")
+    data.base = subsample(data.base, settings.retrain_base_clips)
+    return data
+
+
+def subsample(clips: list[Clip], n: int, seed: int = 0) -> list[Clip]:
+    """At most ``n`` clips (0 = all), drawn with a fixed seed so every retrain of a base sees
+    the same subset and time per retrain stays bounded however large the data set grows."""
+    if n <= 0 or len(clips) <= n:
+        return list(clips)
+    picked = random.Random(seed).sample(range(len(clips)), n)
+    return [clips[i] for i in sorted(picked)]
+
+
+# --------------------------------------------------------------------------- leakage guard
+
+@dataclass(frozen=True)
+class Guard:
+    hashes: frozenset[str]
+    recordings: frozenset[str]
+    description: str
+
+    def check(self, sha256: str, name: str) -> str | None:
+        """Why this file belongs to the test set, or None."""
+        if sha256 in self.hashes:
+            return f"Same content as a clip of the quality gate's test set ({self.description})."
+        stem = Path(name.replace("\\", "/").rsplit("/", 1)[-1]).stem
+        group = group_of(Path(stem))
+        if group != stem and group in self.recordings:
+            return (f"Recording {group} belongs to the quality gate's test set "
+                    f"({self.description}); training on it would make the gate meaningless. "
+                    "Upload clips of other recordings.")
+        return None
+
+
+_guards: dict[tuple[Any, ...], Guard] = {}
+_guard_lock = threading.Lock()
+
+
+def guard(settings: Settings | None = None) -> Guard:
+    """The served model's test set as hashes and recordings, from its spec and — when the
+    data set is installed — from the test clips themselves (older checkpoints name only the
+    folds). Cached per served version and data folder state."""
+    from . import registry
+
+    settings = settings or get_settings()
+    try:
+        version, path = registry.current(settings.models_dir)
+        spec = spec_of(registry.read_metadata(path))
+    except UserError:
+        return Guard(frozenset(), frozenset(), "")
+    root = settings.data_dir
+    try:
+        stamp = tuple(p.stat().st_mtime_ns for p in (root, root / "test", root / "metadata")
+                      if p.exists())
+    except OSError:
+        stamp = ()
+    key = (version, str(root), stamp)
+    with _guard_lock:
+        if key in _guards:
+            return _guards[key]
+    hashes, recordings = set(spec["sha256"]), set(spec["recordings"])
+    description = spec.get("description") or "the served model's test set"
+    try:
+        fixed = _fixed_test(spec, settings)
+    except RetrainError:
+        fixed = None
+    if fixed is not None:
+        test = fixed[0]
+        hashes |= {file_sha256(c.path) for c in test.clips}
+        recordings |= {c.group for c in test.clips if c.group != c.path.stem}
+        description = test.description
+    result = Guard(frozenset(hashes), frozenset(recordings), description)
+    with _guard_lock:
+        _guards.clear()
+        _guards[key] = result
+    return result
