@@ -428,3 +428,107 @@ def test_retrain_command_waits_and_reports(clean, worker):
     assert out.stderr.startswith(f"queued: job {job['id']}")
     assert "epoch" in out.stderr  # progress lines while it ran
     assert Path(clean.models_dir / f"{job['result_version']}.pt").is_file()
+
+
+# ------------------------------------------------------------------ the loop, turn after turn
+
+def checkpoint_of(stack: cw.Stack, version: str) -> dict:
+    from src.model import load_checkpoint
+
+    return load_checkpoint(stack.models_dir / f"{version}.pt")
+
+
+def test_three_promotions_a_rollback_and_a_fourth_retrain(clean, worker):
+    """Issue 10, finding 2: every published checkpoint carries what the next retrain needs
+    (its test set, hashes and recordings included), so the loop keeps turning."""
+    served = ["base-1"]
+    for turn in range(3):
+        upload(clean, cw.pick(clean.rows, 2, 1, skip=30 + turn))
+        job, _ = jobs.request_retrain(f"test:turn-{turn}")
+        job = jobs.wait_for_job(job["id"], WAIT_S, poll_s=0.2)
+        assert job["status"] == "succeeded", (job, worker.tail())
+        assert "fold(s) [3]" in job["message"] and f"n={job['metrics']['n_test']}" in job["message"]
+        ckpt = checkpoint_of(clean, job["result_version"])
+        spec = ckpt["data"]["test_set"]
+        assert ckpt["parent"] == served[-1] and ckpt["data"]["lineage"][0] == served[-1]
+        assert spec["kind"] == "folds" and spec["folds"] == [3]
+        assert len(spec["sha256"]) == spec["n"] == job["metrics"]["n_test"] > 0
+        assert spec["recordings"] and ckpt["metrics"]["test_folds"] == [3]
+        served.append(job["result_version"])
+
+    with db.session_scope(clean.db_url) as s:
+        assert registry.rollback(models_dir=clean.models_dir, session=s) == served[2]
+    assert registry.current(clean.models_dir)[0] == served[2]
+
+    upload(clean, cw.pick(clean.rows, 2, 1, skip=40))
+    job, _ = jobs.request_retrain("test:after-rollback")
+    job = jobs.wait_for_job(job["id"], WAIT_S, poll_s=0.2)
+    assert job["status"] in ("succeeded", "rejected"), (job, worker.tail())
+    assert job["base_version"] == served[2] and "fold(s) [3]" in job["message"]
+    assert checkpoint_of(clean, job["result_version"])["parent"] == served[2]
+
+
+def test_without_a_data_set_the_gate_uses_held_out_uploads(clean, tmp_path):
+    """Issue 10, finding 1: no data set installed (a newcomer's clone) — the retrain learns
+    from the uploads and is graded on a held-out, recording-grouped slice of them; the slice
+    is fixed for good, grows with new recordings, and never trains."""
+    from src.db import ClipRole, UploadedClip
+
+    settings = clean.settings(data_dir=tmp_path / "no-data")
+    plan = jobs.retrain_plan(settings)
+    assert plan["ready"] is False and "upload" in plan["missing"][0]["fix"]
+    with pytest.raises(jobs.RetrainNotReady):  # refused: no job that could only fail
+        jobs.request_retrain("test:too-early", send=lambda _: None, settings=settings)
+
+    rows = cw.pick(clean.rows, 2, 1, skip=50)  # one clip per class: ten recordings
+    n = ingest(cw.upload_items(rows), source="cli", settings=settings).n_accepted
+    plan = jobs.retrain_plan(settings)
+    assert plan["ready"] and plan["test_set"]["kind"] == "uploads"
+    assert plan["test_set"]["n"] == 2 and plan["new_uploads"] == n - 2
+
+    def retrain() -> dict:
+        job, _ = jobs.request_retrain("test:no-data", send=lambda _: None, settings=settings)
+        return jobs.run_retrain(job["id"], settings=settings)
+
+    first = retrain()
+    assert first["status"] in ("succeeded", "rejected"), first
+    assert "held-out upload(s)" in first["message"] and "n=2" in first["message"]
+    assert "recorded macro-F1" in first["message"]  # the served model's own figures, named
+    with db.session_scope(clean.db_url) as s:
+        held = set(s.scalars(sa.select(UploadedClip.sha256)
+                             .where(UploadedClip.role == ClipRole.test)))
+    assert len(held) == 2
+
+    more = ingest(cw.upload_items(cw.pick(clean.rows, 2, 1, skip=60)), source="cli",
+                  settings=settings).n_accepted
+    second = retrain()
+    assert second["status"] in ("succeeded", "rejected"), second
+    with db.session_scope(clean.db_url) as s:
+        now_held = set(s.scalars(sa.select(UploadedClip.sha256)
+                                 .where(UploadedClip.role == ClipRole.test)))
+    assert held < now_held  # the old slice stays, new recordings add to it
+    assert f"n={len(now_held)}" in second["message"]
+    if first["status"] == "succeeded":  # the first retrain's uploads are rehearsed, not new
+        assert second["metrics"]["n_new"] == more - (len(now_held) - len(held))
+        assert second["metrics"]["n_train_base"] == first["metrics"]["n_new"]
+
+
+def test_a_clip_of_the_test_set_is_refused_even_renamed_or_re_encoded(clean, tmp_path):
+    """Issue 10, finding 4: the gate's test set (fold 3 here) never becomes training data:
+    refused by content hash, and by recording for UrbanSound8K-named files; from the data set
+    when it is installed, and from the served checkpoint's own spec when it is not."""
+    import soundfile as sf
+
+    test_row = cw.pick(clean.rows, 3, 1)[0]
+    samples, rate = sf.read(cw.clip_path(test_row))
+    other_bytes = tmp_path / test_row["slice_file_name"].replace(".flac", ".wav")
+    sf.write(other_bytes, samples * 0.5, rate)  # same recording, different bytes
+    for settings in (clean.settings(), clean.settings(data_dir=tmp_path / "no-data")):
+        report = ingest([(f"{test_row['class']}/renamed.flac", cw.clip_path(test_row)),
+                         (f"{test_row['class']}/{other_bytes.name}", other_bytes)],
+                        source="cli", settings=settings)
+        assert [r.code for r in report.results] == ["in_test_set", "in_test_set"], \
+            [r.to_dict() for r in report.results]
+        assert report.n_accepted == 0
+    train_row = cw.pick(clean.rows, 2, 1, skip=70)[0]  # a training-fold clip is welcome
+    assert ingest(cw.upload_items([train_row]), source="cli").n_accepted == 1
