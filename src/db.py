@@ -217,7 +217,7 @@ def _new_job_id() -> str:
 class TrainingJob(Base):
     """A retrain request and its life. At most one job is queued or running at a time: a
     partial unique index enforces it in the database, so two web replicas racing to start a
-    job cannot both win (see ``get_or_create_job``)."""
+    job cannot both win (see ``src.jobs.get_or_create_job``)."""
 
     __tablename__ = "training_jobs"
     __table_args__ = (
@@ -466,55 +466,6 @@ def current_revision(url: str | None = None) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-# --------------------------------------------------------------------------- jobs
-
-def active_job(session: Session) -> TrainingJob | None:
-    return session.scalars(
-        sa.select(TrainingJob).where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))
-    ).first()
-
-
-def get_or_create_job(
-    session: Session, params: dict[str, Any] | None = None, requested_by: str = ""
-) -> tuple[TrainingJob, bool]:
-    """The queued/running job if there is one, else a new queued job (committed).
-
-    Returns ``(job, created)``. The unique index settles races between processes: the loser
-    of a concurrent insert gets an IntegrityError, rolls back and returns the winner's job.
-    """
-    for _ in range(3):
-        job = active_job(session)
-        if job is not None:
-            return job, False
-        job = TrainingJob(params=params or {}, requested_by=requested_by)
-        session.add(job)
-        try:
-            session.commit()
-        except sa.exc.IntegrityError:
-            session.rollback()  # another process won; its job is returned on the next turn
-            continue
-        return job, True
-    raise RuntimeError("Could not create or find the active training job; retry.")
-
-
-def fail_stale_jobs(session: Session, older_than_s: float, reason: str = "") -> list[str]:
-    """Mark running jobs whose heartbeat is older than ``older_than_s`` (and queued jobs never
-    picked up for that long) as failed, so a killed worker cannot block retraining forever."""
-    cutoff = utcnow().timestamp() - older_than_s
-    stale = []
-    for job in session.scalars(
-        sa.select(TrainingJob).where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))
-    ):
-        last = job.heartbeat_at or job.started_at or job.requested_at
-        if last is not None and last.timestamp() < cutoff:
-            job.status = JobStatus.failed
-            job.finished_at = utcnow()
-            job.error = reason or f"No heartbeat for {older_than_s:.0f} s: the worker died."
-            stale.append(job.id)
-    session.flush()
-    return stale
-
-
 __all__ = [
     "ACTIVE_JOB_STATUSES",
     "EXPRESSION_INDEXES",
@@ -530,14 +481,11 @@ __all__ = [
     "UploadSource",
     "UploadedClip",
     "VersionStatus",
-    "active_job",
     "check_connection",
     "current_revision",
     "dispose_engines",
     "downgrade",
-    "fail_stale_jobs",
     "get_engine",
-    "get_or_create_job",
     "make_engine",
     "normalise_url",
     "session_factory",

@@ -9,7 +9,7 @@ Life of a job (a row of ``training_jobs``)::
 
 * **One at a time.** ``request_retrain`` returns the queued/running job when there is one. The
   database settles races between web replicas: a partial unique index allows one active row
-  (``src.db.get_or_create_job``), on Postgres and on SQLite alike.
+  (``get_or_create_job``), on Postgres and on SQLite alike.
 * **Idempotent by job id.** The worker claims a job with one conditional UPDATE
   (queued → running); a redelivered message for a finished or running job does nothing, so
   ``acks_late`` redelivery can never train (or promote) twice.
@@ -52,7 +52,6 @@ from .db import (
     DatabaseUnavailable,
     JobStatus,
     TrainingJob,
-    get_or_create_job,
     session_scope,
     utcnow,
 )
@@ -66,13 +65,6 @@ log = logging.getLogger(__name__)
 Sender = Callable[[str], object]
 ProgressCallback = Callable[[dict[str, Any]], None]
 
-# Defaults of the settings this module reads (``Settings`` fields of the same name win).
-DEFAULTS: dict[str, float | int] = {
-    "retrain_base_clips": 1500,  # base training clips mixed into a retrain (0 = all)
-    "job_heartbeat_s": 10.0,  # how often a running job proves it is alive
-    "job_stale_after_s": 120.0,  # a running job silent this long is dead
-    "job_queue_timeout_s": 900.0,  # a queued job no worker took this long fails
-}
 PARAM_LIMITS: dict[str, tuple[type, float, float]] = {
     "epochs": (int, 1, 200),
     "lr": (float, 1e-6, 1.0),
@@ -109,18 +101,6 @@ class RetrainNotReady(UserError):
 
 # --------------------------------------------------------------------------- settings
 
-def setting(name: str, settings: Settings | None = None) -> Any:
-    """A job setting: the ``Settings`` field if it exists, else ``URBANSOUND_<NAME>`` from the
-    environment, else ``DEFAULTS`` (so this module works before the fields are added)."""
-    settings = settings or get_settings()
-    value = getattr(settings, name, None)
-    if value is not None:
-        return value
-    default = DEFAULTS[name]
-    raw = os.environ.get(f"URBANSOUND_{name.upper()}", "")
-    return type(default)(raw) if raw.strip() else default
-
-
 def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
     """Only ``epochs`` and ``lr`` may be overridden per job; anything else is refused."""
     clean: dict[str, Any] = {}
@@ -142,6 +122,37 @@ def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
             raise JobParamsError(f"Retrain parameter {key}={number} is outside {low}..{high}.")
         clean[key] = number
     return clean
+
+
+# --------------------------------------------------------------------------- the active job
+
+def active_job(session: Any) -> TrainingJob | None:
+    return session.scalars(
+        sa.select(TrainingJob).where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))
+    ).first()
+
+
+def get_or_create_job(
+    session: Any, params: dict[str, Any] | None = None, requested_by: str = ""
+) -> tuple[TrainingJob, bool]:
+    """The queued/running job if there is one, else a new queued job (committed).
+
+    Returns ``(job, created)``. The unique index settles races between processes: the loser
+    of a concurrent insert gets an IntegrityError, rolls back and returns the winner's job.
+    """
+    for _ in range(3):
+        job = active_job(session)
+        if job is not None:
+            return job, False
+        job = TrainingJob(params=params or {}, requested_by=requested_by)
+        session.add(job)
+        try:
+            session.commit()
+        except sa.exc.IntegrityError:
+            session.rollback()  # another process won; its job is returned on the next turn
+            continue
+        return job, True
+    raise RuntimeError("Could not create or find the active training job; retry.")
 
 
 # --------------------------------------------------------------------------- reading jobs
@@ -233,14 +244,14 @@ def _age_s(when: datetime | None) -> float | None:
 def _stale_reason(job: TrainingJob, settings: Settings) -> str | None:
     if job.status == JobStatus.running:
         age = _age_s(job.heartbeat_at or job.started_at)
-        limit = float(setting("job_stale_after_s", settings))
+        limit = settings.job_stale_after_s
         if age is not None and age > limit:
             return (f"The worker running this job ({job.worker or 'unknown'}) stopped sending "
                     f"heartbeats {age:.0f} s ago: it was killed or crashed mid-job. The served "
                     "model was not changed; request a new retrain.")
     elif job.status == JobStatus.queued:
         age = _age_s(job.requested_at)
-        limit = float(setting("job_queue_timeout_s", settings))
+        limit = settings.job_queue_timeout_s
         if age is not None and age > limit:
             return (f"No worker picked this job up within {limit:.0f} s. Is a worker running "
                     "(`urbansound worker`) against the same broker? Request a new retrain.")
@@ -363,8 +374,7 @@ def request_retrain(
     clean = validate_params(params)
     with session_scope(settings.db_url) as s:
         sweep_stale_jobs(s, settings)
-        idle = s.scalar(sa.select(sa.func.count()).select_from(TrainingJob)
-                        .where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))) == 0
+        idle = active_job(s) is None
     if idle:
         plan = retrain_plan(settings)
         if not plan["ready"]:
@@ -486,7 +496,7 @@ class _Heartbeat:
 
     def __init__(self, job_id: str, settings: Settings):
         self.job_id, self.url = job_id, settings.db_url
-        self.interval = float(setting("job_heartbeat_s", settings))
+        self.interval = settings.job_heartbeat_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}",
                                         daemon=True)
@@ -764,9 +774,11 @@ __all__ = [
     "JobParamsError",
     "RetrainError",
     "RetrainNotReady",
+    "active_job",
     "check_broker",
     "evaluate_checkpoint",
     "get_job",
+    "get_or_create_job",
     "job_to_dict",
     "list_jobs",
     "recover_orphaned_jobs",
@@ -774,7 +786,6 @@ __all__ = [
     "retrain_plan",
     "run_retrain",
     "set_sender",
-    "setting",
     "sweep_stale_jobs",
     "validate_params",
     "wait_for_job",

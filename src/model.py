@@ -230,6 +230,83 @@ def evaluate_model(
 EpochCallback = Callable[[dict], None]
 
 
+@dataclass
+class Optimisation:
+    """What one training step needs besides the batch: optimiser, LR schedule, loss, the
+    weight average, the teachers, and the generator behind every random choice."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.CrossEntropyLoss
+    gen: torch.Generator
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    teachers: Teachers | None = None
+
+
+def train_epoch(model: AudioCNN, train_x: torch.Tensor, targets: torch.Tensor,
+                cfg: TrainConfig, opt: Optimisation, n_classes: int) -> float:
+    """One pass over the shuffled training set (as in pytorch/examples' ``train``):
+    augment → forward → loss → step. Returns the mean training loss."""
+    model.train()
+    n, total, seen = len(train_x), 0.0, 0
+    gen = opt.gen
+    order = torch.randperm(n, generator=gen)
+    for i in range(0, n, cfg.batch_size):
+        idx = order[i : i + cfg.batch_size]
+        if len(idx) < 2:
+            continue
+        wave = train_x[idx]
+        if cfg.waveform_augment:
+            noise_pool = train_x[torch.randint(n, (len(idx),), generator=gen)]
+            wave = augment_waveforms(wave, gen, noise_pool)
+        x = model.features(wave)
+        if cfg.specaugment:
+            x = spec_augment(x, gen)
+        y = F.one_hot(targets[idx], n_classes).float()
+        if cfg.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < cfg.mixup_prob:
+            x, y = mixup(x, y, gen, cfg.mixup_alpha)
+        logits = model.classify(x)
+        loss = soft_cross_entropy(logits, y, opt.loss_fn)
+        if opt.teachers is not None:
+            soft = distillation_loss(logits, opt.teachers(x), cfg.distill_temperature)
+            loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
+        opt.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.optimizer.step()
+        opt.scheduler.step()
+        if opt.ema is not None:
+            opt.ema.update_parameters(model)
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
+
+
+class EarlyStopping:
+    """Keeps the weights of the best epoch by validation macro-F1 (the metric we report;
+    accuracy rewards the big classes) — by training loss when there is no validation set —
+    and stops after ``patience`` epochs without a gain, counted only once the LR has peaked
+    (``warmup_epochs``): before that, a plateau is the schedule, not the model."""
+
+    def __init__(self, patience: int, warmup_epochs: float):
+        self.patience, self.warmup_epochs = patience, warmup_epochs
+        self.best, self.best_state, self.bad_epochs = -1.0, None, 0
+
+    def step(self, epoch: int, record: dict, judged: nn.Module) -> bool:
+        """Record epoch ``epoch`` (1-based); True when training should stop."""
+        score = record["val_f1"] if record["val_f1"] is not None else -record["loss"]
+        if score > self.best:
+            self.best, self.best_state, self.bad_epochs = (
+                score, copy.deepcopy(judged.state_dict()), 0)
+        elif epoch > self.warmup_epochs:
+            self.bad_epochs += 1
+            return self.bad_epochs >= self.patience
+        return False
+
+    def restore(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
 def fit(
     model: AudioCNN,
     train_x: torch.Tensor, train_y: np.ndarray,
@@ -238,18 +315,16 @@ def fit(
     on_epoch: EpochCallback | None = None, progress: bool = True,
     teachers: Teachers | None = None,
 ) -> list[dict]:
-    """A plain loop (as in pytorch/examples): augment → forward → loss → step, then validate.
+    """Train an epoch, validate, let early stopping decide; restore the best weights.
 
-    Early stopping watches validation macro-F1 (the metric we report; accuracy rewards the
-    big classes) and the best weights are restored at the end. With ``teachers`` the loss
-    also pulls the student towards their soft targets (see ``distill``).
+    With ``teachers`` the loss also pulls the student towards their soft targets (see
+    ``distill``).
     """
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    n = len(train_x)
-    steps = math.ceil(n / cfg.batch_size)
+    steps = math.ceil(len(train_x) / cfg.batch_size)
     counts = np.bincount(train_y, minlength=len(classes))
     optimizer, scheduler, loss_fn = compile_model(model, cfg, steps, counts)
     targets = torch.as_tensor(train_y)
@@ -261,43 +336,17 @@ def fit(
     ema = (torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
         use_buffers=True) if cfg.ema_decay else None)
-    best_f1, best_state, bad_epochs, history = -1.0, None, 0, []
+    opt = Optimisation(optimizer, scheduler, loss_fn, gen, ema, teachers)
+    stopper = EarlyStopping(cfg.patience, cfg.warmup_fraction * cfg.epochs)
+    history: list[dict] = []
     bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
-        model.train()
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            wave = train_x[idx]
-            if cfg.waveform_augment:
-                noise_pool = train_x[torch.randint(n, (len(idx),), generator=gen)]
-                wave = augment_waveforms(wave, gen, noise_pool)
-            x = model.features(wave)
-            if cfg.specaugment:
-                x = spec_augment(x, gen)
-            y = F.one_hot(targets[idx], len(classes)).float()
-            if cfg.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < cfg.mixup_prob:
-                x, y = mixup(x, y, gen, cfg.mixup_alpha)
-            logits = model.classify(x)
-            loss = soft_cross_entropy(logits, y, loss_fn)
-            if teachers is not None:
-                soft = distillation_loss(logits, teachers(x), cfg.distill_temperature)
-                loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
+        t0 = time.perf_counter()
+        loss = train_epoch(model, train_x, targets, cfg, opt, len(classes))
         judged = ema.module if ema is not None else model
         val = evaluate_model(judged, val_x, val_y, classes) if len(val_x) else {}
         record = {
-            "epoch": epoch + 1, "epochs": cfg.epochs, "loss": total / max(seen, 1),
+            "epoch": epoch + 1, "epochs": cfg.epochs, "loss": loss,
             "val_loss": val.get("loss"), "val_accuracy": val.get("accuracy"),
             "val_f1": val.get("macro_f1"), "seconds": time.perf_counter() - t0,
             "lr": scheduler.get_last_lr()[0],
@@ -306,15 +355,9 @@ def fit(
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_f1=f"{record['val_f1'] or 0:.3f}")
         if on_epoch:
             on_epoch(record)
-        f1 = record["val_f1"] if record["val_f1"] is not None else -record["loss"]
-        if f1 > best_f1:
-            best_f1, best_state, bad_epochs = f1, copy.deepcopy(judged.state_dict()), 0
-        elif epoch + 1 > cfg.warmup_fraction * cfg.epochs:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        if stopper.step(epoch + 1, record, judged):
+            break
+    stopper.restore(model)
     model.eval()
     return history
 

@@ -32,6 +32,7 @@ from src.ingest import (
     mark_used,
     unused_clips,
 )
+from src.jobs import get_or_create_job
 from src.preprocessing import CLASSES
 from src.settings import Settings
 
@@ -146,14 +147,14 @@ def test_unused_and_mark_used(db_url, tmp_path, real_clips):
     items = [(f"{label}/{p.name}", p.read_bytes()) for label, p in real_clips[:4]]
     ingest(items, source="api", client="token-a", settings=settings)
     with db.session_scope(db_url) as session:
-        failed, _ = db.get_or_create_job(session)
+        failed, _ = get_or_create_job(session)
         failed.status = "failed"
         session.commit()
         ids = [c.id for c in unused_clips(session)]
         assert mark_used(session, ids[:2], failed.id) == 2
     with db.session_scope(db_url) as session:
         assert len(unused_clips(session)) == 4  # a failed job absorbed nothing
-        job, _ = db.get_or_create_job(session)
+        job, _ = get_or_create_job(session)
         assert mark_used(session, ids[:3], job.id) == 3
         job.status = "succeeded"
     with db.session_scope(db_url) as session:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from src import db
+from src import db, jobs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,9 +131,9 @@ def test_missing_schema_says_to_migrate(empty_db_url: str) -> None:
 
 def test_one_active_job(db_url: str) -> None:
     with db.session_scope(db_url) as session:
-        first, created = db.get_or_create_job(session, {"epochs": 2}, "tester")
+        first, created = jobs.get_or_create_job(session, {"epochs": 2}, "tester")
         assert created and first.status == "queued"
-        again, created = db.get_or_create_job(session, {"epochs": 3})
+        again, created = jobs.get_or_create_job(session, {"epochs": 3})
         assert not created and again.id == first.id
 
     with pytest.raises(sa.exc.IntegrityError), db.session_scope(db_url) as session:
@@ -143,20 +143,20 @@ def test_one_active_job(db_url: str) -> None:
         job = session.get(db.TrainingJob, first.id)
         job.status, job.finished_at = "succeeded", db.utcnow()
     with db.session_scope(db_url) as session:
-        nxt, created = db.get_or_create_job(session)
+        nxt, created = jobs.get_or_create_job(session)
         assert created and nxt.id != first.id
 
 
 def test_stale_jobs_are_failed(db_url: str) -> None:
     with db.session_scope(db_url) as session:
-        job, _ = db.get_or_create_job(session)
+        job, _ = jobs.get_or_create_job(session)
         job.status, job.heartbeat_at = "running", datetime(2000, 1, 1, tzinfo=UTC)
     with db.session_scope(db_url) as session:
-        assert db.fail_stale_jobs(session, older_than_s=60) == [job.id]
+        assert jobs.sweep_stale_jobs(session) == [job.id]
     with db.session_scope(db_url) as session:
         row = session.get(db.TrainingJob, job.id)
         assert row.status == "failed" and "heartbeat" in row.error
-        assert db.active_job(session) is None
+        assert jobs.active_job(session) is None
 
 
 def test_one_active_model_and_status_values(db_url: str) -> None:
