@@ -32,6 +32,16 @@ PYTHON=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 extras=""; [[ $dev == 1 ]] && extras="[dev]"
-.venv/bin/python -m pip install -q -e ".${extras}" 2>&1 | grep -v -E "^(WARNING: Location|DEPRECATION)" || true
+# pip's and the build backend's chatter (notices, build warnings) goes to a log that is shown
+# only when the install fails: a person reads a few lines, not pages.
+echo "setup: installing urbansound${extras} into .venv (the first time downloads PyTorch) ..."
+log=$(mktemp "${TMPDIR:-/tmp}/urbansound-setup.XXXXXX")
+if ! .venv/bin/python -m pip install -q -e ".${extras}" >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup: pip install failed (its output is above)" >&2
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c "import torch, src.cli" || { echo "setup: install failed" >&2; exit 1; }
 echo "setup: ready (.venv, torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"

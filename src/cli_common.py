@@ -16,6 +16,42 @@ __all__ = ["UserError", "fail", "friendly_errors", "print_json"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Exit status of a command whose reader went away (``... | head``): 128 + SIGPIPE, what a Unix
+#: tool killed by SIGPIPE reports to the shell.
+EXIT_BROKEN_PIPE = 141
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reading end is closed.
+
+    A ``BrokenPipeError`` may come from any pipe a command writes to (a child process, a
+    socket); only a closed *stdout* means "the reader has all it wanted". On Linux ``poll``
+    reports ``POLLERR`` on the writing end of a pipe without readers.
+    """
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        events = poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no real stdout: assume it was the one
+        return True
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in events)
+
+
+def exit_quietly_on_closed_stdout() -> None:
+    """What the Python docs recommend for SIGPIPE: point stdout at /dev/null (so the flush at
+    exit cannot fail again and print "Exception ignored ...") and exit at once, silently,
+    with status 141 (128 + SIGPIPE) as ``yes | head -1`` does."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+    raise typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -25,6 +61,9 @@ def fail(message: str, code: int = 1) -> None:
 
 def friendly_errors(fn: F) -> F:
     """Wrap a command so that any error becomes ``error: <reason>`` on stderr and exit 1.
+
+    A reader that closed stdout (``urbansound predict --json ... | head -3``) ends the command
+    at once, without a message, with status 141 (``exit_quietly_on_closed_stdout``).
 
     Unexpected exceptions are reported by type and message too: a CLI user is never helped by a
     traceback, and ``URBANSOUND_DEBUG=1`` re-raises for developers.
@@ -40,6 +79,12 @@ def friendly_errors(fn: F) -> F:
             raise
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except BrokenPipeError:
+            if stdout_reader_gone():
+                exit_quietly_on_closed_stdout()
+            if os.environ.get("URBANSOUND_DEBUG"):
+                raise
+            fail("broken pipe (a process or connection this command wrote to went away)")
         except Exception as exc:  # the whole point is to catch everything
             if os.environ.get("URBANSOUND_DEBUG"):
                 raise
@@ -50,4 +95,7 @@ def friendly_errors(fn: F) -> F:
 
 
 def print_json(obj: Any) -> None:
+    """One JSON object per line, flushed: a reader sees each line as soon as it is computed,
+    and a closed pipe is noticed at the next line, not a buffer (many lines) later."""
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()

@@ -80,20 +80,89 @@ def serve(
 
 # --------------------------------------------------------------------------- up
 
-def _prepare() -> None:
-    """Migrate the database and say what will be served, before starting anything."""
+NO_DATA_FIX = "run `urbansound data import DIR` / `urbansound data download`, or upload clips"
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL fit to print (the password hidden)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def fold_ranges(folds: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3,5"."""
+    runs: list[list[int]] = []
+    for f in folds:
+        if runs and f == runs[-1][-1] + 1:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+
+
+def describe_data(data_dir: Path) -> str:
+    """One phrase for what sits in the data folder: how many clips, which layout, synthetic
+    or not, or "none" and the commands that fill it."""
+    from .datasets import DatasetError, is_us8k, read_dataset, summarise
+
+    try:
+        clips = read_dataset(data_dir)
+    except DatasetError as exc:
+        if not data_dir.is_dir() or "no audio found" in exc.message:
+            return f"none in {data_dir} — {NO_DATA_FIX}"
+        return f"unusable: {exc.message}"
+    summary = summarise(clips)
+    if is_us8k(data_dir):
+        layout = "UrbanSound8K layout"
+    else:
+        parts = [f"{part} {sum(1 for c in clips if part in c.path.relative_to(data_dir).parts[:1])}"
+                 for part in ("train", "test") if (data_dir / part).is_dir()]
+        layout = ", ".join(parts) or "class-per-folder"
+    if summary["folds"]:
+        layout += f", folds {fold_ranges(summary['folds'])}"
+    if "synthetic" in summary["sources"]:
+        layout += "; SYNTHETIC demo set, not UrbanSound8K"
+    return f"{summary['n']:,} clips in {data_dir} ({layout})"
+
+
+def startup_report(settings=None) -> list[str]:
+    """What ``urbansound up`` found, one line each: model, data set, database, broker."""
     from . import db, registry
+
+    settings = settings or get_settings()
+    try:
+        version, _ = registry.current(settings.models_dir)
+        model = f"serving {version} (from {settings.models_dir})"
+    except registry.RegistryError as exc:
+        model = (f"none — {exc.message} The app starts anyway; /api/v1/ready says 'not ready' "
+                 "until a model exists (`urbansound train`).")
+    embedded = " (embedded)"
+    database = db.normalise_url(settings.db_url).render_as_string(hide_password=True)
+    return [
+        f"model:    {model}",
+        f"data set: {describe_data(settings.data_dir)}",
+        f"database: {database}{'' if settings.database_url else embedded}",
+        f"broker:   {mask_url(settings.celery_broker)}{'' if settings.broker_url else embedded}",
+    ]
+
+
+def _prepare() -> None:
+    """Say what was found, then migrate the database, before starting anything."""
+    from . import db
 
     settings = get_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    typer.echo(f"database: {db.normalise_url(settings.db_url).render_as_string(True)}")
+    for line in startup_report(settings):
+        typer.echo(line)
     db.upgrade(settings.db_url)
-    try:
-        version, _ = registry.current(settings.models_dir)
-        typer.echo(f"model: serving {version} from {settings.models_dir}")
-    except registry.RegistryError as exc:
-        typer.echo(f"warning: {exc.message} The app starts anyway; /api/v1/ready says "
-                   "'not ready' until a model exists.", err=True)
 
 
 def _stop(procs: dict[str, subprocess.Popen], grace: float = STOP_GRACE_S) -> None:

@@ -107,3 +107,29 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
                   "--teacher", "no-such-version", env=env)
     assert_one_line_error(missing)
     assert "no-such-version" in missing.stderr
+
+
+def test_a_closed_pipe_ends_the_command_at_once_and_quietly(model_file, us8k):
+    """``urbansound predict --json FILE... | head -1``: once the reader is gone the command
+    stops (no work on the remaining files), prints nothing and exits 141 (128 + SIGPIPE)."""
+    import time
+
+    clip = str(next((us8k / "audio" / "fold1").glob("*.flac")))
+    files = [clip] * 3000  # labelling all of them would take far longer than the limit below
+    proc = subprocess.Popen([str(BIN), "predict", "--model", str(model_file), "--json", *files],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = proc.stdout.readline()  # like head -1: one line, then close
+        assert json.loads(first)["file"] == clip
+        proc.stdout.close()
+        closed = time.monotonic()
+        stderr = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - closed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 141, stderr
+    assert stderr == "", stderr  # no "error: [Errno 32] Broken pipe", no "Exception ignored"
+    assert elapsed < 5, f"went on working {elapsed:.1f} s after the reader closed"

@@ -46,3 +46,19 @@ def test_every_urbansound_command_in_the_readme_exists():
         group = root.commands[cmd]
         if sub and hasattr(group, "commands") and group.commands:
             assert sub in group.commands, f"urbansound {cmd} {sub} is not a command"
+
+
+def test_readme_has_a_first_run_path_for_each_goal():
+    section = README.split("### First run", 1)[1].split("\n## ", 1)[0]
+    for needed in ("Predict", "Retrain", "notebook", "urbansound data download",
+                   "urbansound data import", "upload", "retrain/plan", "data/README.md"):
+        assert needed in section, needed
+
+
+def test_readme_uploads_no_clip_of_the_gates_test_fold():
+    """The committed model's gate tests on fold 3: an upload example from fold 3 would teach
+    the next model the clips it is graded on (and the leakage guard rejects it)."""
+    clip = re.search(r"^CLIP=(\S+)", README, re.M)
+    assert clip and "/fold3/" not in clip.group(1)
+    uploads = [line for line in README.splitlines() if "/uploads" in line or "cp " in line]
+    assert not [line for line in uploads if "fold3" in line], uploads
