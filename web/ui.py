@@ -1,9 +1,14 @@
 """The pages (``/``): predict, data, training, dashboard, login.
 
 Server-rendered and usable without JavaScript; ``static/app.js`` adds only what needs it
-(microphone recording, folder upload with relative paths, live job progress). Views reuse the
-API module's functions, so a page and its API endpoint cannot disagree. Anything that changes
-state needs an admin session and a CSRF token.
+(microphone recording, folder upload with relative paths, live job progress and training
+curves, in-place "Wrong? It was ..." corrections, the footer's served model kept current).
+Views reuse the API module's functions, so a page and its API endpoint cannot disagree.
+Anything that changes state needs an admin session and a CSRF token.
+
+The pages say what is true, not what was hoped: the Training page shows what a retrain would
+use (``jobs.retrain_plan``) before its button, and disables it when a job could only fail; the
+job page's live status, not the button's flash, says whether a retrain worked.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from flask import (
     session,
     url_for,
 )
+from markupsafe import Markup, escape
 
+from src import jobs
+from src.errors import UserError
 from src.preprocessing import CLASSES
 
 from . import api as api_views
@@ -43,12 +51,32 @@ PLAYER_MAX_BYTES = 3 << 20  # larger clips are classified but not echoed back in
 @ui.app_context_processor
 def _globals() -> dict[str, Any]:
     predictor = services.state().predictor()  # loaded once per process (gunicorn: at boot)
-    return {"admin": is_admin(), "served_version": predictor.version if predictor else None}
+    return {"admin": is_admin(), "served_version": predictor.version if predictor else None,
+            "classes": CLASSES}
 
 
-def _error_of(exc: HTTPError) -> tuple[str, str]:
+@ui.app_template_filter("duration")
+def duration(seconds: float) -> str:
+    """``75`` → ``"75 s"``, ``200`` → ``"4 min"`` (the ETA; app.js words it the same way)."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{round(seconds)} s"
+    return f"{-(-seconds // 60):.0f} min"
+
+
+# What a view turns into a page: the API helpers' HTTP errors and the core's UserErrors.
+PageError = (HTTPError, UserError)
+
+
+def _error_of(exc: HTTPError | UserError) -> tuple[str, str]:
+    if isinstance(exc, UserError):
+        return exc.code, exc.message
     data = dict(exc.extra_data or {})
     return data.get("code", "error"), exc.message or "Something went wrong."
+
+
+def _status_of(exc: HTTPError | UserError) -> int:
+    return exc.status if isinstance(exc, UserError) else exc.status_code
 
 
 # --------------------------------------------------------------------------- predict
@@ -86,25 +114,72 @@ def predict_page():
         if not data:
             raise HTTPError(400, "The file is empty.", extra_data={"code": "empty"})
         prediction, predictor, latency, waveform = api_views.run_prediction(data, 10)
-    except HTTPError as exc:
+    except PageError as exc:
         code, message = _error_of(exc)
         return render_template("predict.html", active="predict", result=None,
-                               error=message, error_code=code), exc.status_code
+                               error=message, error_code=code), _status_of(exc)
     config = predictor.config
     image = plots.spectrogram_png(predictor.logmel(waveform), config.sample_rate,
                                   config.hop_length)
     from werkzeug.utils import secure_filename
 
+    filename = secure_filename(upload.filename or "") or "recording.wav"
+    try:  # kept for an hour, so "Wrong? It was ..." can turn it into training data
+        prediction_id = api_views.keep_clip(data, filename)
+    except Exception as exc:  # the answer stands without the feedback form
+        log.warning("could not keep the clip for feedback: %s", exc)
+        prediction_id = None
     result = {
         **prediction.to_dict(),
+        "prediction_id": prediction_id,
         "latency_ms": round(1000 * latency, 1),
-        "file": secure_filename(upload.filename or "") or "recording.wav",
+        "file": filename,
         "ranked": sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True),
         "spectrogram": "data:image/png;base64," + base64.b64encode(image).decode(),
         "audio": (f"data:{_audio_mime(data)};base64," + base64.b64encode(data).decode())
         if len(data) <= PLAYER_MAX_BYTES else None,
     }
     return render_template("predict.html", active="predict", result=result)
+
+
+def feedback_outcome(report: dict[str, Any], label: str) -> dict[str, Any]:
+    """The upload report of one fed-back clip, in the words the page shows."""
+    if report.get("n_accepted"):
+        return {"accepted": True, "label": label, "code": "accepted",
+                "message": "Saved as training data for the next retrain."}
+    rejected = (report.get("rejected") or [{}])[0]
+    return {"accepted": False, "label": label, "code": rejected.get("code") or "rejected",
+            "message": rejected.get("message") or "The clip was not accepted."}
+
+
+@ui.post("/predict/feedback")
+@admin_required
+def feedback_page():
+    """"Wrong? It was ...": the kept clip becomes a labelled upload (same checks as any)."""
+    partial = request.headers.get("X-Requested-With") == "fetch"
+    prediction_id = (request.form.get("prediction_id") or "").strip()
+    label = (request.form.get("label") or "").strip()
+    status = 200
+    try:
+        if not prediction_id:
+            raise HTTPError(400, "No prediction to correct: classify a clip first.",
+                            extra_data={"code": "missing_prediction"})
+        if label not in CLASSES:
+            raise HTTPError(400, "Choose one of the ten classes.",
+                            extra_data={"code": "bad_label"})
+        report = api_views.store_feedback(prediction_id, label, "ui:admin")
+        outcome = feedback_outcome(report, label)
+        if outcome["accepted"]:
+            status = 201
+    except PageError as exc:
+        code, message = _error_of(exc)
+        outcome = {"accepted": False, "label": label, "code": code, "message": message}
+        status = _status_of(exc)
+    if partial:  # app.js puts the verdict under the prediction it corrects
+        return render_template("_feedback_report.html", feedback=outcome), status, \
+            {"X-Partial": "1"}
+    return render_template("predict.html", active="predict", result=None,
+                           feedback=outcome), status
 
 
 # --------------------------------------------------------------------------- data
@@ -160,8 +235,8 @@ def data_page():
     try:
         stats = services.upload_stats()
         uploads, _ = services.list_uploads(10, 0)
-    except Exception as exc:  # the page still shows the visualisations
-        db_error = getattr(exc, "message", None) or str(exc)
+    except UserError as exc:  # database down: the page still shows the visualisations
+        db_error = exc.message
     return render_template("data.html", active="data", visuals=visuals,
                            visuals_error=visuals_error, data_root=str(_data_root()),
                            stats=stats, uploads=uploads, db_error=db_error, classes=CLASSES)
@@ -189,20 +264,22 @@ def upload_page():
     partial = request.headers.get("X-Requested-With") == "fetch"
     try:
         report = api_views.ingest_request("ui", "ui:admin")
-    except HTTPError as exc:
+    except PageError as exc:
         _, message = _error_of(exc)
         if partial:
             return render_template("_upload_report.html", report=None, error=message), \
-                exc.status_code, {"X-Partial": "1"}
+                _status_of(exc), {"X-Partial": "1"}
         flash(message, "error")
         return redirect(url_for("ui.data_page"))
     try:
         totals = services.upload_stats()
-    except Exception:  # the report stands without the totals
-        totals = None
-    if partial:  # app.js inserts the report into the page it is on
+        recent, _ = services.list_uploads(10, 0)
+    except UserError:  # database gone since: the report stands without the totals
+        totals, recent = None, []
+    if partial:  # app.js inserts the report and refreshes the "uploaded so far" box
         return render_template("_upload_report.html", report=report, error=None,
-                               totals=totals), 200, {"X-Partial": "1"}
+                               totals=totals, recent=recent, partial=True), 200, \
+            {"X-Partial": "1"}
     return render_template("upload_report.html", active="data", report=report, totals=totals)
 
 
@@ -210,15 +287,42 @@ def upload_page():
 
 @ui.get("/training")
 def training_page():
-    jobs, jobs_error = [], None
+    recent, jobs_error = [], None
     try:
-        jobs = [api_views.job_out(j) for j in services.jobs_module().list_jobs(15)]
-    except Exception as exc:
-        jobs_error = getattr(exc, "message", None) or str(exc)
+        recent = jobs.list_jobs(15)
+    except UserError as exc:  # database down: versions and the rest still show
+        jobs_error = exc.message
+    plan, plan_error = retrain_plan()
     versions = [api_views.version_out(v) for v in api_views.list_versions()]
-    active_job = next((j for j in jobs if not j["done"]), None)
-    return render_template("training.html", active="training", jobs=jobs,
-                           jobs_error=jobs_error, versions=versions, active_job=active_job)
+    active_job = next((j for j in recent if not j["done"]), None)
+    return render_template("training.html", active="training", jobs=recent,
+                           jobs_error=jobs_error, versions=versions, active_job=active_job,
+                           plan=plan, plan_error=plan_error)
+
+
+def retrain_plan() -> tuple[dict[str, Any] | None, str | None]:
+    """``(plan, None)``: what a retrain would use now; ``(None, error)`` when that cannot be
+    told (the database is down, say)."""
+    try:
+        return jobs.retrain_plan(services.state().settings), None
+    except UserError as exc:
+        return None, exc.message
+
+
+def plan_blocker(plan: dict[str, Any]) -> str:
+    """One sentence naming what is missing and how to fix it."""
+    parts = [f"{m.get('what')} (fix: {m.get('fix')})".replace("`", "")
+             for m in plan.get("missing") or []]
+    return "A retrain cannot run yet: " + ("; ".join(parts) or plan.get("summary") or
+                                            "the data it needs is missing") + "."
+
+
+@ui.app_template_filter("backticks")
+def backticks(text: str) -> Markup:
+    """``"run `urbansound data synth`"`` → escaped text with the command in ``<code>``."""
+    parts = str(text or "").split("`")
+    return Markup("").join(Markup("<code>{}</code>").format(p) if i % 2 else escape(p)
+                           for i, p in enumerate(parts))
 
 
 @ui.post("/training/retrain")
@@ -233,20 +337,24 @@ def retrain_page():
         params["epochs"] = int(epochs)
     try:
         job, created = api_views.start_retrain("ui:admin", params)
-    except HTTPError as exc:
+    except jobs.RetrainNotReady as exc:  # refused before any job exists: it could only fail
+        flash(plan_blocker(exc.plan), "error")
+        return redirect(url_for("ui.training_page"))
+    except PageError as exc:
         flash(_error_of(exc)[1], "error")
         return redirect(url_for("ui.training_page"))
-    flash("Retraining started." if created else "A retrain is already in progress: showing it.",
-          "success" if created else "info")
+    # Not "started": the job page's live status is the truth (it may still fail).
+    flash("Retrain queued: its live state is below." if created
+          else "A retrain is already in progress: showing it.", "info")
     return redirect(url_for("ui.job_page", job_id=job["id"]))
 
 
 @ui.get("/training/jobs/<job_id>")
 def job_page(job_id: str):
-    job = services.jobs_module().get_job(job_id)
+    job = jobs.get_job(job_id)
     if job is None:
         abort(404)
-    return render_template("job.html", active="training", job=api_views.job_out(job))
+    return render_template("job.html", active="training", job=job)
 
 
 @ui.get("/training/models/<version>")
@@ -279,7 +387,7 @@ def confusion_png(version: str):
 def activate_page(version: str):
     try:
         result = api_views.activate_version(version, force=request.form.get("force") == "1")
-    except HTTPError as exc:
+    except PageError as exc:
         flash(_error_of(exc)[1], "error")
     else:
         flash(f"Now serving {result['version']} (was {result['previous'] or 'nothing'}).",

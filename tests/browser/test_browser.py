@@ -91,14 +91,21 @@ def test_upload_a_folder(system, browser, screenshot, tmp_path):
 
     login(browser, system)
     browser.get(system.url + "/data")
+    browser.execute_script("window.__samePage = true;")
     css(browser, "#folder").send_keys(str(folder))
     css(browser, "#upload-form button[type=submit]").click()
     wait(browser, lambda b: b.find_elements("css selector", "[data-testid=upload-report]"), 120)
     assert css(browser, "[data-testid=n-accepted]").text == str(len(rows))
     assert css(browser, "[data-testid=n-rejected]").text == "1"
     assert "undecodable" in css(browser, "#upload-report").text
-    screenshot("upload-folder")
+    # "N of M files accepted", not "Done."; the totals box refreshed in place
+    assert css(browser, "[data-testid=upload-status]").text == \
+        f"{len(rows)} of {len(rows) + 1} files accepted."
     stats = system.api("GET", "/api/v1/uploads").json()["stats"]
+    totals = css(browser, "#uploads-box [data-testid=uploads-totals]").text
+    assert totals.startswith(f"{stats['n_clips']} accepted clips")
+    assert browser.execute_script("return window.__samePage === true;")
+    screenshot("upload-folder")
     assert stats["per_class"] == {"dog_bark": 2, "drilling": 2, "siren": 2}
 
 
@@ -110,15 +117,18 @@ def test_retrain_and_watch_it_finish(system, browser, screenshot):
         assert system.api("POST", "/api/v1/uploads", files=files).status_code == 201
     login(browser, system)
     browser.get(system.url + "/training")
+    css(browser, "#epochs").send_keys("3")  # a few epochs: the curves need points
     css(browser, "[data-testid=retrain]").click()
     wait(browser, lambda b: "/training/jobs/" in b.current_url)
     browser.execute_script("window.__samePage = true;")  # progress must arrive without reloads
-    seen = set()
+    served_before = css(browser, "[data-testid=served-version]").text
+    seen, points = set(), []
 
     def finished(b) -> bool:
         status = css(b, "[data-testid=job-status]").text
         seen.add((status, css(b, "[data-field=stage]").text, css(b, "[data-field=epoch]").text,
                   css(b, "[data-field=val_f1]").text))
+        points.append(len(b.find_elements("css selector", "[data-testid=curves-svg] .pt-loss")))
         return status in ("succeeded", "rejected", "failed")
 
     wait(browser, finished, timeout=900)
@@ -132,6 +142,18 @@ def test_retrain_and_watch_it_finish(system, browser, screenshot):
     assert float(css(browser, "[data-field=served_f1]").text) >= 0
     message = css(browser, "[data-field=message]").text
     assert ("Promoted" if status == "succeeded" else "Rejected") in message
+    # the curves were drawn as the job ran (points appeared before the end), one per epoch
+    n = len(all_css(browser, "[data-testid=curves-svg] .pt-loss"))
+    assert n >= 2 and n == len(all_css(browser, "[data-field=history-rows] tr"))
+    assert len(all_css(browser, "[data-testid=curves-svg] .pt-f1")) >= 2
+    assert any(0 < k < n for k in points) or n == max(points), points
+    banner = css(browser, "[data-testid=job-banner]").get_attribute("class")
+    assert ("alert-success" if status == "succeeded" else "alert-warn") in banner
+    if status == "succeeded":  # the footer follows the promotion, still without a reload
+        version = css(browser, "[data-field=result-version]").text
+        wait(browser, lambda b: css(b, "[data-testid=served-version]").text == version, 30)
+        assert version != served_before
+        assert browser.execute_script("return window.__samePage === true;")
     screenshot("retrain-done")
     print(f"\njob states seen live: {sorted(seen)}; {message}")
 

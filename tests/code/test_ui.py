@@ -183,7 +183,8 @@ def test_data_page_without_data(make_app, monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- training
 
-def test_retrain_button_and_job_page(admin_client, no_sender):
+def test_retrain_button_and_job_page(admin_client, no_sender, plan):
+    plan(READY_PLAN)
     r = admin_client.post("/training/retrain", data={"epochs": "2"})
     assert r.status_code == 302 and r.headers["Location"].startswith("/training/jobs/")
     html = admin_client.get(r.headers["Location"]).get_data(as_text=True)
@@ -195,7 +196,8 @@ def test_retrain_button_and_job_page(admin_client, no_sender):
     assert again.headers["Location"] == r.headers["Location"]
 
 
-def test_retrain_form_validation_and_broker_down(admin_client):
+def test_retrain_form_validation_and_broker_down(admin_client, plan):
+    plan(READY_PLAN)
     r = admin_client.post("/training/retrain", data={"epochs": "lots"})
     assert r.status_code == 302 and r.headers["Location"] == "/training"
     assert "whole number" in admin_client.get("/training").get_data(as_text=True)
@@ -292,3 +294,286 @@ def test_pages_without_a_model(make_app, monkeypatch, tmp_path):
     assert "No predictions served yet" in client.get("/dashboard").get_data(as_text=True)
     r = client.post("/predict", data={"file": (io.BytesIO(tone()), "a.wav")})
     assert r.status_code == 503 and "No model is being served" in r.get_data(as_text=True)
+
+
+# --------------------------------------------------------------------------- honest states (#10)
+
+READY_PLAN = {
+    "ready": True, "served_version": "quick-1",
+    "base": {"n": 120, "description": "UrbanSound8K folds 4-9 under data/"},
+    "new_uploads": 3,
+    "test_set": {"kind": "folds", "description": "UrbanSound8K fold 3", "n": 30},
+    "missing": [],
+    "summary": "Fine-tunes quick-1 on 120 base clips + 3 new uploads; gate on fold 3.",
+}
+MISSING_PLAN = {
+    "ready": False, "served_version": "quick-1",
+    "base": {"n": 0, "description": "no base data set installed"},
+    "new_uploads": 0, "test_set": None,
+    "missing": [{"what": "No clips to train on", "fix": "upload labelled clips"},
+                {"what": "No test set for the quality gate",
+                 "fix": "urbansound data import DIR"}],
+    "summary": "A retrain cannot run yet.",
+}
+
+
+@pytest.fixture()
+def plan(monkeypatch):
+    """``plan(value)``: what ``src.jobs.retrain_plan`` answers (a dict, or an exception)."""
+    from src import jobs
+
+    def set_plan(value):
+        def fake(settings=None):
+            if isinstance(value, Exception):
+                raise value
+            return value
+
+        monkeypatch.setattr(jobs, "retrain_plan", fake, raising=False)
+
+    return set_plan
+
+
+def add_job(web_env, **values) -> str:
+    """A job row in any state (the worker's side is tested elsewhere)."""
+    from src.db import TrainingJob, session_scope
+
+    with session_scope(web_env.db_url) as s:
+        job = TrainingJob(requested_by="ui:admin", **values)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def test_training_page_shows_the_plan(admin_client, plan):
+    plan(READY_PLAN)
+    html = admin_client.get("/training").get_data(as_text=True)
+    assert READY_PLAN["summary"] in html
+    assert 'data-testid="plan-base">120<' in html and 'data-testid="plan-new">3<' in html
+    assert 'data-testid="plan-test">30<' in html and "UrbanSound8K fold 3" in html
+    assert "UrbanSound8K folds 4-9 under data/" in html
+    button = re.search(r'<button[^>]*data-testid="retrain"[^>]*>', html).group(0)
+    assert "disabled" not in button
+    assert html.index('data-testid="retrain-plan"') < html.index('data-testid="retrain"')
+
+
+def test_training_page_missing_plan_disables_the_button(admin_client, plan, no_sender):
+    plan(MISSING_PLAN)
+    html = admin_client.get("/training").get_data(as_text=True)
+    assert "No test set for the quality gate" in html and "No clips to train on" in html
+    assert "<code>urbansound data import DIR</code>" in html
+    assert 'href="/data"' in html  # "upload labelled clips" links to where that happens
+    button = re.search(r'<button[^>]*data-testid="retrain"[^>]*>', html).group(0)
+    assert "disabled" in button and 'aria-describedby="retrain-disabled"' in button
+    assert 'data-testid="retrain-disabled"' in html and "Retrain is disabled" in html
+    # a crafted POST does not start a job that could only fail
+    r = admin_client.post("/training/retrain", data={})
+    assert r.status_code == 302 and r.headers["Location"] == "/training"
+    assert no_sender == []
+    page = admin_client.get("/training").get_data(as_text=True)
+    assert "A retrain cannot run yet" in page and "urbansound data import DIR" in page
+
+
+def test_training_page_plan_unavailable(client, plan):
+    from src.db import DatabaseUnavailable
+
+    plan(DatabaseUnavailable("The database at sqlite:///x is unreachable."))
+    r = client.get("/training")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert 'data-testid="plan-error"' in html and "is unreachable" in html
+
+
+def test_retrain_flash_does_not_claim_success(admin_client, plan, no_sender):
+    plan(READY_PLAN)
+    r = admin_client.post("/training/retrain", data={}, follow_redirects=True)
+    html = r.get_data(as_text=True)
+    assert "Retraining started" not in html and "Retrain queued" in html
+    assert 'flash-info">Retrain queued' in html and 'flash-success">Retrain' not in html
+    assert 'data-testid="job-status">queued<' in html
+
+
+def test_failed_job_page_is_red(client, web_env):
+    job_id = add_job(web_env, status="failed", error="No fixed test set: found no clips",
+                     message="Failed: No fixed test set: found no clips",
+                     progress={"stage": "loading data", "epoch": 0, "epochs": 3})
+    html = client.get(f"/training/jobs/{job_id}").get_data(as_text=True)
+    assert 'class="alert alert-error"' in html and "Retrain failed" in html
+    assert "No fixed test set" in html
+    bar = re.search(r"<progress[^>]*>", html).group(0)
+    assert 'value="0"' in bar and "bar-failed" in bar
+    assert 'data-done="true"' in html and "alert-success" not in html
+
+
+@pytest.mark.parametrize(("status", "tone", "words"), [
+    ("succeeded", "alert-success", "Promoted"),
+    ("rejected", "alert-warn", "Rejected"),
+])
+def test_finished_job_page_tone(client, web_env, status, tone, words):
+    history = [{"epoch": e, "loss": 1.0 / e, "val_f1": 0.2 * e, "seconds": 1.5}
+               for e in (1, 2, 3)]
+    job_id = add_job(web_env, status=status, message=f"{words} v-x: macro-F1 ...",
+                     progress={"stage": "done", "epoch": 3, "epochs": 10, "history": history,
+                               "stopped_early": True, "eta_s": None,
+                               "stop_reason": "no val F1 gain for 2 epochs"})
+    html = client.get(f"/training/jobs/{job_id}").get_data(as_text=True)
+    assert f'class="alert {tone}"' in html and words in html
+    bar = re.search(r"<progress[^>]*>", html).group(0)
+    assert 'value="10"' in bar and f"bar-{status}" in bar
+    # the curves' data (drawn by app.js) and the no-JS table of the same numbers
+    assert 'data-testid="curves"' in html and "&#34;val_f1&#34;: 0.6" in html
+    assert html.count('<td class="num">') >= 12
+    assert "Early stopping ended training after epoch 3 of 10" in html
+    assert "no val F1 gain for 2 epochs" in html
+
+
+def test_running_job_shows_eta(client, web_env):
+    job_id = add_job(web_env, status="running",
+                     progress={"stage": "training", "epoch": 2, "epochs": 20, "loss": 0.9,
+                               "val_f1": 0.4, "eta_s": 300.0, "stopped_early": False,
+                               "history": [{"epoch": 1, "loss": 1.2, "val_f1": 0.3,
+                                            "seconds": 15.0}]})
+    html = client.get(f"/training/jobs/{job_id}").get_data(as_text=True)
+    assert "about 5 min left" in html and "Retraining" in html
+    assert re.search(r'data-testid="stopped-early"\s+hidden', html)
+
+
+def test_upload_report_says_n_of_m_and_refreshes_totals(admin_client):
+    r = admin_client.post("/data/upload", headers={"X-Requested-With": "fetch"},
+                          data={"files": [(io.BytesIO(b"zzz" * 100), "dog_bark/a.wav"),
+                                          (io.BytesIO(b"yyy" * 100), "dog_bark/b.wav")]})
+    html = r.get_data(as_text=True)
+    assert 'data-testid="n-accepted">0<' in html and 'data-testid="n-files">2<' in html
+    assert 'data-n-accepted="0" data-n-files="2"' in html and "alert-error" in html
+    assert "<template data-uploads-box>" in html and 'data-testid="uploads-totals"' in html
+    r = admin_client.post("/data/upload", headers={"X-Requested-With": "fetch"},
+                          data={"files": [(io.BytesIO(tone(1, 440)), "siren/a.wav")]})
+    html = r.get_data(as_text=True)
+    box = html[html.index("<template data-uploads-box>"):]
+    assert "<strong>1</strong> accepted clips" in box  # the fresh totals for the box
+
+
+def test_footer_names_what_to_poll(client):
+    html = client.get("/data").get_data(as_text=True)
+    assert re.search(r'data-testid="served-version" data-health-url="/api/v1/health"', html)
+    assert client.get("/api/v1/health").get_json()["model_version"] == "quick-1"
+
+
+# --------------------------------------------------------------------------- "Wrong? It was ..."
+
+@pytest.fixture()
+def fake_feedback(monkeypatch):
+    """keep_clip / store_feedback stand-ins: what the page does with their answers."""
+    from web import api
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(api, "keep_clip", lambda data, name: "pred-123", raising=False)
+
+    def answer(report):
+        def store(prediction_id, label, client):
+            calls.append((prediction_id, label, client))
+            if isinstance(report, Exception):
+                raise report
+            return report
+
+        monkeypatch.setattr(api, "store_feedback", store, raising=False)
+
+    return calls, answer
+
+
+def report(accepted: bool, code: str = "", message: str = "") -> dict:
+    verdict = {"name": "recording.wav", "label": "dog_bark", "code": code, "message": message}
+    return {"upload_id": 7 if accepted else None, "source": "feedback", "client": "ui:admin",
+            "n_files": 1, "n_accepted": int(accepted), "n_rejected": int(not accepted),
+            "accepted": [verdict] if accepted else [], "rejected": [] if accepted else [verdict],
+            "skipped": []}
+
+
+def test_predict_page_offers_feedback(admin_client, clip, fake_feedback):
+    html = admin_client.post("/predict", data={"file": (io.BytesIO(clip), "a.wav")}) \
+        .get_data(as_text=True)
+    assert 'name="prediction_id" value="pred-123"' in html and "Wrong? It was" in html
+    label = re.search(r'data-testid="predicted-label">([^<]+)<', html).group(1)
+    options = re.findall(r'<option value="(\w+)">', html[html.index('id="feedback-label"'):])
+    assert len(options) == 9 and label.replace(" ", "_") not in options
+
+
+def test_predict_page_feedback_needs_login(client, clip, fake_feedback):
+    html = client.post("/predict", data={"file": (io.BytesIO(clip), "a.wav")}) \
+        .get_data(as_text=True)
+    assert "Log in to teach the model" in html and 'name="prediction_id"' not in html
+    r = client.post("/predict/feedback", data={"prediction_id": "pred-123", "label": "siren"})
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login?next=")
+    assert fake_feedback[0] == []
+
+
+def test_feedback_accepted(admin_client, fake_feedback):
+    calls, answer = fake_feedback
+    answer(report(True))
+    r = admin_client.post("/predict/feedback", data={"prediction_id": "pred-123",
+                                                     "label": "dog_bark"})
+    assert r.status_code == 201
+    html = r.get_data(as_text=True)
+    assert "Saved as training data for the next retrain" in html and "alert-success" in html
+    assert calls == [("pred-123", "dog_bark", "ui:admin")]
+    r = admin_client.post("/predict/feedback", headers={"X-Requested-With": "fetch"},
+                          data={"prediction_id": "pred-123", "label": "dog_bark"})
+    assert r.headers["X-Partial"] == "1" and "<html" not in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    ("in_test_set", "This recording belongs to the test set of the quality gate."),
+    ("duplicate", "Already uploaded (same sha256)."),
+])
+def test_feedback_rejected_says_why(admin_client, fake_feedback, code, message):
+    _, answer = fake_feedback
+    answer(report(False, code, message))
+    r = admin_client.post("/predict/feedback", data={"prediction_id": "pred-123",
+                                                     "label": "siren"})
+    html = r.get_data(as_text=True)
+    assert r.status_code == 200 and "Not saved" in html
+    assert f'data-code="{code}"' in html and message in html
+
+
+def test_feedback_errors(admin_client, fake_feedback):
+    from apiflask import HTTPError
+
+    _, answer = fake_feedback
+    answer(HTTPError(404, "No kept clip pred-123 (kept for an hour).",
+                     extra_data={"code": "not_found"}))
+    r = admin_client.post("/predict/feedback", data={"prediction_id": "pred-123",
+                                                     "label": "siren"})
+    assert r.status_code == 404 and "kept for an hour" in r.get_data(as_text=True)
+    r = admin_client.post("/predict/feedback", data={"prediction_id": "pred-123",
+                                                     "label": "whale"})
+    assert r.status_code == 400 and "one of the ten classes" in r.get_data(as_text=True)
+
+
+def test_feedback_needs_csrf(make_app, fake_feedback):
+    client = make_app(WTF_CSRF_ENABLED=True).test_client()
+    token = csrf_token(client.get("/login").get_data(as_text=True))
+    client.post("/login", data={"password": PASSWORD, "csrf_token": token})
+    r = client.post("/predict/feedback", data={"prediction_id": "pred-123", "label": "siren"})
+    assert r.status_code == 400 and "CSRF" in r.get_data(as_text=True)
+
+
+def test_feedback_for_real(admin_client):
+    """The real keep_clip / store_feedback: the corrected clip becomes an upload; its id is
+    spent; the same clip corrected again is a duplicate."""
+    clip = tone(1.5, 523)
+
+    def predict() -> str:
+        html = admin_client.post("/predict", data={"file": (io.BytesIO(clip), "street.wav")}) \
+            .get_data(as_text=True)
+        return re.search(r'name="prediction_id" value="([^"]+)"', html).group(1)
+
+    form = {"prediction_id": predict(), "label": "street_music"}
+    r = admin_client.post("/predict/feedback", data=form)
+    assert r.status_code == 201, r.get_data(as_text=True)[-2000:]
+    assert "Saved as training data for the next retrain" in r.get_data(as_text=True)
+    page = admin_client.get("/data").get_data(as_text=True)
+    assert "<strong>1</strong> accepted clips" in page
+    spent = admin_client.post("/predict/feedback", data=form)
+    assert spent.status_code == 404 and 'data-code="not_found"' in spent.get_data(as_text=True)
+    again = admin_client.post("/predict/feedback", data={**form, "prediction_id": predict()})
+    html = again.get_data(as_text=True)
+    assert "Not saved" in html and 'data-code="duplicate"' in html

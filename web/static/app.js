@@ -1,6 +1,9 @@
 /* urbansound: progressive enhancements only. Every page works without this file; it adds
    microphone recording (encoded to WAV here, then sent through the normal form), folder upload
-   with relative paths (so folder names become labels) and live job progress. */
+   with relative paths (so folder names become labels), live job progress with training curves
+   (an SVG drawn here: no chart library, nothing inline, so the strict CSP holds), "Wrong? It
+   was ..." corrections without leaving the prediction, and the footer's served model kept
+   current (polls /api/v1/health while the page is visible). */
 "use strict";
 
 (function () {
@@ -100,7 +103,16 @@
         });
         if (response.headers.get("X-Partial") === "1") {
           report.innerHTML = await response.text();
-          status.textContent = response.ok ? "Done." : "The upload was refused.";
+          const box = report.querySelector("template[data-uploads-box]");
+          const target = document.getElementById("uploads-box");
+          if (box && target) { target.replaceChildren(box.content.cloneNode(true)); box.remove(); }
+          const summary = report.querySelector("[data-n-files]");
+          if (response.ok && summary) {
+            const total = Number(summary.dataset.nFiles);
+            status.textContent = `${summary.dataset.nAccepted} of ${total} file${total === 1 ? "" : "s"} accepted.`;
+          } else {
+            status.textContent = "The upload was refused.";
+          }
         } else if (response.redirected) {
           window.location.assign(response.url);
         } else {
@@ -117,10 +129,149 @@
   // ------------------------------------------------------------------ job progress
   function fmt(value) { return typeof value === "number" ? value.toFixed(4) : "–"; }
 
+  function duration(seconds) {  // the same words as the server's "duration" filter
+    seconds = Math.max(0, seconds);
+    return seconds < 90 ? `${Math.round(seconds)} s` : `${Math.ceil(seconds / 60)} min`;
+  }
+
+  const SVG = "http://www.w3.org/2000/svg";
+  function svgEl(name, attrs, text) {
+    const el = document.createElementNS(SVG, name);
+    for (const [key, value] of Object.entries(attrs || {})) el.setAttribute(key, String(value));
+    if (text !== undefined) el.textContent = text;
+    return el;
+  }
+
+  /* Loss (left scale) and validation macro-F1 (right scale, 0-1) per epoch; the x axis spans
+     the planned epochs, so the curves grow towards the right as the job runs. */
+  function drawCurves(figure, history, epochs) {
+    const points = (history || []).filter((h) => typeof h.epoch === "number");
+    figure.hidden = points.length === 0;
+    const old = figure.querySelector("svg");
+    if (old) old.remove();
+    if (!points.length) return;
+    const W = 640, H = 240, L = 52, R = 44, T = 14, B = 34;
+    const last = points[points.length - 1].epoch;
+    const span = Math.max(epochs || 0, last, 2);
+    const losses = points.map((h) => h.loss).filter((v) => typeof v === "number");
+    const top = Math.max(...losses, 1e-6) * 1.1;
+    const x = (e) => L + ((e - 1) / (span - 1)) * (W - L - R);
+    const yLoss = (v) => T + (1 - v / top) * (H - T - B);
+    const yF1 = (v) => T + (1 - v) * (H - T - B);
+    const svg = svgEl("svg", {
+      viewBox: `0 0 ${W} ${H}`, class: "curves-svg", role: "img", "data-testid": "curves-svg",
+      "aria-label": `Training curves over ${points.length} epoch${points.length === 1 ? "" : "s"}: ` +
+        `loss ${fmt(losses[losses.length - 1])}, validation macro-F1 ${fmt(points[points.length - 1].val_f1)} at epoch ${last}`,
+    });
+    for (const f of [0, 0.5, 1]) {  // grid + both scales
+      const y = T + (1 - f) * (H - T - B);
+      svg.append(svgEl("line", { x1: L, x2: W - R, y1: y, y2: y, class: "grid" }));
+      svg.append(svgEl("text", { x: L - 6, y: y + 4, class: "tick tick-loss", "text-anchor": "end" },
+        (top * f).toPrecision(2)));
+      svg.append(svgEl("text", { x: W - R + 6, y: y + 4, class: "tick tick-f1" }, f.toFixed(1)));
+    }
+    const ticks = [...new Set([1, Math.round((1 + span) / 2), span])];
+    for (const e of ticks) {
+      svg.append(svgEl("text", { x: x(e), y: H - B + 16, class: "tick", "text-anchor": "middle" }, e));
+    }
+    svg.append(svgEl("text", { x: (L + W - R) / 2, y: H - 4, class: "tick", "text-anchor": "middle" }, "epoch"));
+    svg.append(svgEl("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" }));
+    const series = [
+      ["loss", yLoss, (h) => h.loss],
+      ["f1", yF1, (h) => h.val_f1],
+    ];
+    for (const [name, y, value] of series) {
+      const pts = points.filter((h) => typeof value(h) === "number");
+      if (!pts.length) continue;
+      svg.append(svgEl("polyline", {
+        class: `line line-${name}`, "data-series": name,
+        points: pts.map((h) => `${x(h.epoch).toFixed(1)},${y(value(h)).toFixed(1)}`).join(" "),
+      }));
+      for (const h of pts) {
+        const dot = svgEl("circle", { cx: x(h.epoch).toFixed(1), cy: y(value(h)).toFixed(1), r: 3.5,
+                                      class: `pt pt-${name}` });
+        dot.append(svgEl("title", {}, `epoch ${h.epoch}: ${name === "f1" ? "val macro-F1" : "loss"} ${fmt(value(h))}`));
+        svg.append(dot);
+      }
+    }
+    figure.prepend(svg);
+  }
+
+  function historyRows(tbody, history) {
+    tbody.replaceChildren(...(history || []).map((h) => {
+      const row = document.createElement("tr");
+      for (const text of [h.epoch, fmt(h.loss), fmt(h.val_f1),
+        typeof h.seconds === "number" ? h.seconds.toFixed(1) : "–"]) {
+        const cell = document.createElement("td");
+        cell.className = "num";
+        cell.textContent = text;
+        row.append(cell);
+      }
+      return row;
+    }));
+  }
+
+  function renderJob(box, job) {
+    const field = (name) => box.querySelector(`[data-field="${name}"]`) || document.querySelector(`[data-field="${name}"]`);
+    const p = job.progress || {};
+    const history = p.history || [];
+    box.className = `job job-${job.status}`;
+    const banners = JSON.parse(box.dataset.banners || "{}");
+    const [tone, title] = banners[job.status] || ["info", job.status];
+    const banner = field("banner");
+    banner.className = `alert alert-${tone}`;
+    // a failed job: the reason itself (its message repeats it after "Failed:")
+    const text = (job.status === "failed" && job.error) || job.message || job.error || "";
+    field("banner-title").textContent = title + (text ? ":" : "");
+    field("message").textContent = text;
+    const status = field("status");
+    status.textContent = job.status;
+    status.className = `status status-${job.status}`;
+    field("stage").textContent = p.stage || "";
+    field("epoch").textContent = p.epoch || 0;
+    field("epochs").textContent = p.epochs || "?";
+    field("eta").textContent = !job.done && typeof p.eta_s === "number" ? `· about ${duration(p.eta_s)} left` : "";
+    const bar = field("bar");
+    bar.max = p.epochs || 1;
+    // A failed job's bar is empty (and red): it did not get anywhere worth showing.
+    bar.value = job.status === "failed" ? 0 : job.done ? bar.max : (p.epoch || 0);
+    bar.className = `bar bar-${job.status}`;
+    const stopped = field("stopped");
+    if (p.stopped_early) {
+      const at = history.length ? history[history.length - 1].epoch : p.epoch;
+      stopped.textContent = `Early stopping ended training after epoch ${at} of ${p.epochs}` +
+        (p.stop_reason ? ` (${p.stop_reason}).` : ".");
+    }
+    stopped.hidden = !p.stopped_early;
+    // The last epoch's numbers stay on screen once later stages replace them.
+    if (typeof p.loss === "number") field("loss").textContent = fmt(p.loss);
+    if (typeof p.val_f1 === "number") field("val_f1").textContent = fmt(p.val_f1);
+    drawCurves(field("curves"), history, p.epochs);
+    historyRows(field("history-rows"), history);
+    field("history").hidden = history.length === 0;
+    const m = job.metrics || {};
+    if (m.candidate) {
+      field("candidate_f1").textContent = fmt(m.candidate.macro_f1);
+      field("served_f1").textContent = fmt((m.served || {}).macro_f1);
+      field("result").hidden = false;
+    }
+    if (job.result_version && field("result-link")) {
+      const link = field("result-version");
+      link.textContent = job.result_version;
+      link.href = `/training/models/${encodeURIComponent(job.result_version)}`;
+      field("result-link").hidden = false;
+    }
+  }
+
   function setupJob() {
     const box = document.querySelector("[data-job-url]");
-    if (!box || box.dataset.done === "true" || !window.fetch) return;
-    const field = (name) => box.querySelector(`[data-field="${name}"]`) || document.querySelector(`[data-field="${name}"]`);
+    if (!box) return;
+    const curves = box.querySelector('[data-field="curves"]');
+    try {  // the page's own numbers first (a finished job is drawn without polling)
+      drawCurves(curves, JSON.parse(curves.dataset.history || "[]"),
+                 Number(box.querySelector('[data-field="epochs"]').textContent) || 0);
+    } catch (err) { /* the table below the chart still has the numbers */ }
+    if (box.dataset.done === "true" || !window.fetch) return;
     async function poll() {
       let job;
       try {
@@ -131,36 +282,71 @@
         setTimeout(poll, 3000);
         return;
       }
-      const p = job.progress || {};
-      const status = field("status");
-      status.textContent = job.status;
-      status.className = `status status-${job.status}`;
-      field("stage").textContent = p.stage || "";
-      field("epoch").textContent = p.epoch || 0;
-      field("epochs").textContent = p.epochs || "?";
-      const bar = field("bar");
-      bar.max = p.epochs || 1;
-      bar.value = job.done ? bar.max : (p.epoch || 0);
-      // The last epoch's numbers stay on screen once later stages replace them.
-      if (typeof p.loss === "number") field("loss").textContent = fmt(p.loss);
-      if (typeof p.val_f1 === "number") field("val_f1").textContent = fmt(p.val_f1);
-      field("message").textContent = job.message || job.error || "";
-      const m = job.metrics || {};
-      if (m.candidate) {
-        field("candidate_f1").textContent = fmt(m.candidate.macro_f1);
-        field("served_f1").textContent = fmt((m.served || {}).macro_f1);
-        field("result").hidden = false;
+      renderJob(box, job);
+      if (job.done) {
+        box.dataset.done = "true";
+        if (job.status === "succeeded") checkServedModel();  // the footer follows the promotion
+        return;
       }
-      if (job.result_version && field("result-link")) {
-        const link = field("result-version");
-        link.textContent = job.result_version;
-        link.href = `/training/models/${encodeURIComponent(job.result_version)}`;
-        field("result-link").hidden = false;
-      }
-      if (job.done) { box.dataset.done = "true"; return; }
       setTimeout(poll, 1000);
     }
     poll();
+  }
+
+  // ------------------------------------------------------------------ served model (footer)
+  let checkServedModel = () => {};
+  function setupServedModel() {
+    const el = document.querySelector("[data-health-url]");
+    if (!el || !window.fetch) return;
+    let busy = false;
+    checkServedModel = async () => {
+      if (busy || document.hidden) return;
+      busy = true;
+      try {
+        const response = await fetch(el.dataset.healthUrl, { headers: { Accept: "application/json" } });
+        if (response.ok) {
+          const health = await response.json();
+          const version = health.model_version || "none yet";
+          if (el.textContent !== version) {
+            el.textContent = version;
+            el.classList.add("changed");
+          }
+        }
+      } catch (err) { /* offline for a moment: try on the next tick */ }
+      busy = false;
+    };
+    setInterval(checkServedModel, 5000);
+    document.addEventListener("visibilitychange", () => { if (!document.hidden) checkServedModel(); });
+  }
+
+  // ------------------------------------------------------------------ "Wrong? It was ..."
+  function setupFeedback() {
+    const form = document.querySelector("form[data-feedback]");
+    const out = document.querySelector("[data-feedback-report]");
+    if (!form || !out || !window.fetch) return;
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const button = form.querySelector('button[type="submit"]');
+      button.disabled = true;
+      try {
+        const response = await fetch(form.action, {
+          method: "POST", body: new FormData(form), credentials: "same-origin",
+          headers: { "X-Requested-With": "fetch" },
+        });
+        if (response.headers.get("X-Partial") === "1") {
+          out.innerHTML = await response.text();
+          if (response.ok) { form.hidden = true; return; }  // one correction per prediction
+        } else if (response.redirected) {
+          window.location.assign(response.url);  // the session expired: the login page
+          return;
+        } else {
+          out.textContent = `Could not save the correction (HTTP ${response.status}).`;
+        }
+      } catch (err) {
+        out.textContent = `Could not save the correction: ${err.message || err}`;
+      }
+      button.disabled = false;
+    });
   }
 
   // ------------------------------------------------------------------ data set visuals
@@ -183,5 +369,7 @@
     setupUpload();
     setupJob();
     setupVisuals();
+    setupServedModel();
+    setupFeedback();
   });
 })();
