@@ -155,8 +155,10 @@ def main() -> None:
 
     from src import db, ingest, jobs, registry
     from src.settings import get_settings
+    from web.celery_app import install
 
     get_settings.cache_clear()
+    install()  # queue through Celery, as the web app and `urbansound retrain` do
     settings = get_settings()
     db.upgrade()
     base = args.base or train_base(settings.data_dir, args.base_epochs, state)

@@ -189,7 +189,7 @@ def stack_meter() -> CpuMeter:
 
 
 def one_run(n: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from src.stack import torch_threads, workers_per_replica
+    from src.cpu import torch_threads, workers_per_replica
 
     workers = args.workers or workers_per_replica(n)
     threads = int(os.environ.get("URBANSOUND_TORCH_THREADS") or torch_threads(n, workers))

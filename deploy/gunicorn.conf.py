@@ -1,5 +1,5 @@
-"""gunicorn settings for production: ``urbansound serve`` uses this file when it exists (else
-``web/gunicorn_conf.py``), and so do the Docker image and ``urbansound stack up``.
+"""The gunicorn settings, the only ones: ``urbansound serve`` and ``urbansound up`` use this
+file, and so do the Docker image, ``urbansound stack up`` and the tests.
 
 Every value can be overridden from the environment (``URBANSOUND_WEB_*``) or, as usual, on the
 gunicorn command line (``urbansound serve --workers N`` passes ``--workers``, which wins).
@@ -11,17 +11,18 @@ Why these choices, for a CPU-bound model on a few cores:
   ``OMP_NUM_THREADS``) to ``cores // workers`` before the worker imports torch, unless the
   operator set it. torch's default (every core in every process) oversubscribes the CPU as
   soon as there are two workers: each forward pass then fights the others for the same cores
-  and p95 latency doubles. ``URBANSOUND_CPU_CORES`` says how many cores this server may use
-  (a container's CPU limit, or a replica's share when several replicas share one machine);
-  by default the cores this process may run on.
+  and p95 latency doubles. The cores are counted by ``src/cpu.py`` (the project's one CPU
+  policy): ``URBANSOUND_CPU_CORES`` when set (a container's CPU limit, or a replica's share
+  when several replicas share one machine), else the cores this process may run on.
 * **gthread workers, a few threads each.** Predictions spend most of their time in torch and
   the audio decoder, which release the GIL, while uploads and job polls mostly wait on I/O. A
   few threads let one worker overlap them and keep a slow upload from blocking predictions.
   More threads than that only queue CPU work inside the process, where nothing can steal it.
 * **No preload_app.** Each worker loads torch and the model after the fork: forking a process
   that has started OpenMP/oneDNN thread pools can deadlock, and a copy-on-write model would be
-  copied soon anyway. ``post_worker_init`` (from ``web/gunicorn_conf.py``) warms the model up
-  before the worker accepts its first request.
+  copied soon anyway. ``post_worker_init`` loads the model and runs two dummy predictions
+  before the worker accepts its first request, so a worker's first real request is not the
+  slow one.
 * **Timeouts.** ``timeout`` (a worker silent that long is killed) is generous because a bulk
   upload is checked inside its request; nginx's ``proxy_read_timeout`` is a little longer, so
   gunicorn, not nginx, decides. ``keepalive`` is longer than nginx's upstream
@@ -34,7 +35,8 @@ Why these choices, for a CPU-bound model on a few cores:
 * **Access log with latency.** One line per request with ``%(M)s`` (milliseconds) and the
   client address nginx forwarded, so slow requests are visible without a profiler.
 * **Prometheus multiprocess mode.** The master wipes ``PROMETHEUS_MULTIPROC_DIR`` when it starts
-  and marks dead workers (``child_exit``) so their live gauges disappear.
+  (a previous run's counters must not leak in) and marks dead workers (``child_exit``) so their
+  live gauges disappear; their counters stay, so totals never go backwards.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the hooks import ``src`` and ``web`` from the checkout
     sys.path.insert(0, str(ROOT))
 
+from src import cpu  # noqa: E402  (after the path fix above)
+from src.settings import Settings, get_settings  # noqa: E402
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
@@ -54,20 +59,13 @@ def _env_int(name: str, default: int) -> int:
 
 
 def available_cores() -> int:
-    """Cores this server may use: ``URBANSOUND_CPU_CORES``, else the CPU affinity mask (which,
-    unlike ``os.cpu_count``, honours ``taskset`` and cpusets)."""
-    explicit = _env_int("URBANSOUND_CPU_CORES", 0)
-    if explicit > 0:
-        return explicit
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    """Cores this server may use (``src/cpu.py``); the environment read afresh, not cached."""
+    return cpu.usable_cores(Settings())
 
 
 def torch_threads_for(workers: int, cores: int | None = None) -> int:
     """Intra-op threads per worker so that workers x threads = cores (at least one)."""
-    return max(1, (cores or available_cores()) // max(1, workers))
+    return cpu.torch_threads(1, workers, cores or available_cores())
 
 
 # --------------------------------------------------------------------------- server socket
@@ -129,8 +127,8 @@ def on_starting(server) -> None:
 
 
 def _torch_threads(workers: int) -> int:
-    explicit = _env_int("URBANSOUND_TORCH_THREADS", 0)
-    return explicit if explicit > 0 else torch_threads_for(workers)
+    """The operator's ``URBANSOUND_TORCH_THREADS`` when set, else cores // workers."""
+    return cpu.torch_threads(1, workers, settings=Settings())
 
 
 def post_fork(server, worker) -> None:
@@ -139,13 +137,25 @@ def post_fork(server, worker) -> None:
     os.environ["URBANSOUND_TORCH_THREADS"] = n
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, n)
+    get_settings.cache_clear()  # the app's settings must see the value just set
 
 
 def post_worker_init(worker) -> None:
-    """Load the model and run two dummy predictions before the first request (web's hook)."""
-    from web.gunicorn_conf import post_worker_init as warm_up
+    """Load the model and run two dummy predictions before the first request."""
+    import numpy as np
 
-    warm_up(worker)
+    app = getattr(worker, "wsgi", None)
+    state = getattr(app, "extensions", {}).get("urbansound") if app is not None else None
+    if state is None:
+        return
+    predictor = state.predictor()
+    if predictor is None:
+        worker.log.warning("no model to serve yet: %s", state.predictors.error)
+        return
+    silence = np.zeros((1, predictor.config.n_samples), dtype=np.float32)
+    for _ in range(2):
+        predictor.probabilities(silence)
+    worker.log.info("worker %s serves model %s", worker.pid, predictor.version)
 
 
 def child_exit(server, worker) -> None:

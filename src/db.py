@@ -43,6 +43,8 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from .errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -50,12 +52,10 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # --------------------------------------------------------------------------- errors
 
-class DatabaseUnavailable(Exception):
+class DatabaseUnavailable(Unavailable):
     """The database cannot be reached (or has no schema); ``message`` says what to do."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+    code = "database_unavailable"
 
 
 class SchemaMissing(DatabaseUnavailable):

@@ -10,11 +10,17 @@ input, not the clean clip.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # model imports this module
+    from .model import AudioCNN
 
 
 class TeacherError(UserError, ValueError):
@@ -29,7 +35,7 @@ class Teachers(nn.Module):
     splits (other band statistics) still see what they were trained on.
     """
 
-    def __init__(self, models: list[nn.Module], student: nn.Module, temperature: float = 2.0):
+    def __init__(self, models: list[AudioCNN], student: AudioCNN, temperature: float = 2.0):
         super().__init__()
         if not models:
             raise TeacherError("Distillation needs at least one teacher.")
@@ -52,7 +58,7 @@ class Teachers(nn.Module):
         """Standardised student features → mean teacher probabilities at ``temperature``."""
         logmel = x * self.student_std + self.student_mean
         probs = [torch.softmax(m.classify(m.standardise(logmel)) / self.temperature, dim=1)
-                 for m in self.models]
+                 for m in cast("Iterable[AudioCNN]", self.models)]
         return torch.stack(probs).mean(0)
 
 

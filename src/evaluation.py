@@ -85,7 +85,7 @@ def plot_confusion_matrix(metrics: dict, path: Path | None = None, title: str = 
     for i in range(len(classes)):
         for j in range(len(classes)):
             if cm[i, j]:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(title or f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046, label="share of true class")

@@ -14,6 +14,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -63,8 +64,8 @@ def load_waveforms(
     """Bad files are reported, not fatal: one corrupt clip must not sink a training run."""
     workers = workers or min(len(clips) // 64 + 1, os.cpu_count() or 1)
     jobs = [(c.path, config, cache_dir) for c in clips]
-    bar = dict(total=len(jobs), desc="decoding clips", unit="clip", disable=not progress,
-               leave=False)
+    bar: dict[str, Any] = dict(total=len(jobs), desc="decoding clips", unit="clip",
+                               disable=not progress, leave=False)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             results = list(tqdm(pool.map(_load_one, jobs, chunksize=16), **bar))

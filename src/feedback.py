@@ -32,11 +32,9 @@ _last_sweep = 0.0
 
 
 class FeedbackError(UserError):
-    """An unknown or expired prediction id, or a label we do not know."""
+    """An unknown or expired prediction id (404), or a label we do not know (400)."""
 
-    def __init__(self, message: str, code: str = "not_found"):
-        super().__init__(message)
-        self.code = code
+    code, status = "not_found", 404
 
 
 def _dir(settings: Settings) -> Path:
@@ -106,7 +104,7 @@ def record(pid: str, label: str, *, source: str, client: str, settings: Settings
     true_label = normalise_label(str(label or ""))
     if true_label is None:
         raise FeedbackError(f"Unknown label {label!r}; expected one of: {', '.join(CLASSES)}.",
-                            code="unknown_label")
+                            code="unknown_label", status=400)
     report = ingest([(name, data)], label=true_label, source=source,
                     client=f"feedback {client}"[:200], settings=settings)
     if report.n_accepted:

@@ -43,9 +43,10 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
+from sqlalchemy.engine import CursorResult
 
 from .db import (
     ACTIVE_JOB_STATUSES,
@@ -55,14 +56,15 @@ from .db import (
     session_scope,
     utcnow,
 )
-from .errors import UserError
+from .errors import Unavailable, UserError, one_line
 from .retrain_data import RetrainError
 from .settings import Settings, get_settings
-from .testset import spec_of
+from .testset import recorded_scores, spec_of
 
 log = logging.getLogger(__name__)
 
-Sender = Callable[[str], object]
+Sender = Callable[[str], object]  # queues job <id>; raises when the broker is unreachable
+BrokerCheck = Callable[[Settings], None]  # raises unless the broker answers
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 PARAM_LIMITS: dict[str, tuple[type, float, float]] = {
@@ -73,29 +75,32 @@ PARAM_LIMITS: dict[str, tuple[type, float, float]] = {
 _WORKER_PID = re.compile(r"^(?P<node>.*) \(pid (?P<pid>\d+) on (?P<host>[^)]*)\)$")
 
 
-class BrokerUnavailable(Exception):
-    """The job could not be queued (Redis or the embedded broker is unreachable)."""
+class BrokerUnavailable(Unavailable):
+    """The job could not be queued (Redis or the embedded broker is unreachable); ``job`` is
+    the job it was recorded as (failed, so it blocks nothing), when there is one."""
+
+    code = "broker_unavailable"
 
     def __init__(self, message: str, job: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.message = message
+        extra: dict[str, Any] = {"job": job} if job else {}
+        super().__init__(message, **extra)
         self.job = job
 
 
-class JobParamsError(ValueError):
+class JobParamsError(UserError, ValueError):
     """Bad retrain parameters (unknown name, wrong type, out of range)."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
+    code, status = "invalid_params", 422
 
 
 class RetrainNotReady(UserError):
     """A retrain asked for while it could only fail (nothing new to learn, no test set):
     refused before any job exists, with what is missing and the command that fixes it."""
 
+    code, status = "not_ready", 409
+
     def __init__(self, message: str, plan: dict[str, Any]):
-        super().__init__(message)
+        super().__init__(message, plan=plan)
         self.plan = plan
 
 
@@ -163,11 +168,12 @@ def job_to_dict(job: TrainingJob) -> dict[str, Any]:
         return value.isoformat(timespec="seconds") if value else None
 
     end = job.finished_at or (utcnow() if job.started_at else None)
+    promoted: dict[str, bool] = {JobStatus.succeeded: True, JobStatus.rejected: False}
     return {
         "id": job.id,
         "status": job.status,
         "done": job.status not in ACTIVE_JOB_STATUSES,
-        "promoted": {JobStatus.succeeded: True, JobStatus.rejected: False}.get(job.status),
+        "promoted": promoted.get(job.status),
         "requested_at": iso(job.requested_at),
         "requested_by": job.requested_by,
         "started_at": iso(job.started_at),
@@ -317,19 +323,31 @@ def _mark_failed(job: TrainingJob, reason: str) -> None:
 
 # --------------------------------------------------------------------------- requesting
 
+# How a job reaches a worker is the adapter's business: the process that starts (the web app
+# factory, the ``urbansound retrain`` command) installs a sender and a broker check; the core
+# never imports Celery. ``set_sender`` lets a test stand in for the broker.
+_installed: tuple[Sender, BrokerCheck] | None = None
 _sender: Sender | None = None
 
 
+def install(send: Sender, broker_check: BrokerCheck) -> None:
+    """How this process queues a job and probes the broker (called once at start-up)."""
+    global _installed
+    _installed = (send, broker_check)
+
+
 def set_sender(send: Sender | None) -> None:
-    """Install how jobs are queued (the web app may pass its own); None restores Celery's."""
+    """Queue jobs with ``send`` instead (tests); None restores the installed sender."""
     global _sender
     _sender = send
 
 
-def _celery_send(job_id: str) -> object:
-    from worker.celery_app import send_retrain  # lazy: src must not need Celery to import
-
-    return send_retrain(job_id)
+def _installed_or_fail() -> tuple[Sender, BrokerCheck]:
+    if _installed is None:
+        raise BrokerUnavailable(
+            "No task broker is configured in this process: it was started without the web "
+            "app or the `urbansound retrain` command, which connect it.")
+    return _installed
 
 
 def _broker_name(settings: Settings) -> str:
@@ -341,9 +359,9 @@ def check_broker(settings: Settings | None = None) -> None:
     few seconds (no message is sent)."""
     settings = settings or get_settings()
     try:
-        from worker.celery_app import ping_broker  # lazy, like the sender
-
-        ping_broker(settings)
+        _installed_or_fail()[1](settings)
+    except BrokerUnavailable:
+        raise
     except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise BrokerUnavailable(
@@ -388,7 +406,7 @@ def request_retrain(
     if not created:
         return data, False
     try:
-        (send or _sender or _celery_send)(job.id)
+        (send or _sender or _installed_or_fail()[0])(job.id)
     except Exception as exc:  # any failure to queue means the job cannot run
         reason = " ".join(str(exc).split()) or type(exc).__name__
         message = (f"Could not queue the retrain job: the task broker at {_broker_name(settings)}"
@@ -450,12 +468,12 @@ def _claim(job_id: str, me: str, settings: Settings) -> dict[str, Any] | None:
     """queued → running in one conditional UPDATE; None if claimed, else why not (a dict)."""
     now = utcnow()
     with session_scope(settings.db_url) as s:
-        claimed = s.execute(
+        claimed = cast(CursorResult[Any], s.execute(
             sa.update(TrainingJob)
             .where(TrainingJob.id == job_id, TrainingJob.status == JobStatus.queued)
             .values(status=JobStatus.running, started_at=now, heartbeat_at=now, worker=me,
                     progress={"stage": "starting"})
-        ).rowcount
+        )).rowcount
         if claimed == 1:
             return None
         job = s.get(TrainingJob, job_id)
@@ -487,8 +505,9 @@ def _orphaned(job: TrainingJob, settings: Settings) -> bool:
     if _stale_reason(job, settings):
         return True
     match = _WORKER_PID.match(job.worker or "")
-    same_host = match and match.group("host") == socket.gethostname()
-    return bool(same_host and not _pid_alive(int(match.group("pid"))))
+    if match is None or match.group("host") != socket.gethostname():
+        return False
+    return not _pid_alive(int(match.group("pid")))
 
 
 class _Heartbeat:
@@ -551,16 +570,16 @@ def _failure_reason(exc: BaseException, settings: Settings) -> str:
                 "changed. Lower retrain_base_clips/epochs or raise the limit.")
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         return "The worker was shut down mid-job; the served model was not changed."
-    message = " ".join(str(getattr(exc, "message", None) or exc).split())
+    message = one_line(exc)
     if _expected(exc):
         return message
-    return f"{name}: {message}" if message else name
+    return f"{name}: {message}" if message != name else name
 
 
 def _expected(exc: BaseException) -> bool:
-    """Failures that explain themselves (ours, the registry's, the checkpoint loader's: they
-    carry a ``message``); anything else is a bug, logged with its traceback."""
-    return isinstance(exc, RetrainError | DatabaseUnavailable) or hasattr(exc, "message")
+    """Failures that explain themselves (every ``UserError``: ours, the registry's, the
+    checkpoint loader's, an outage); anything else is a bug, logged with its traceback."""
+    return isinstance(exc, UserError)
 
 
 def _record_failure(job_id: str, me: str, reason: str, settings: Settings) -> bool:
@@ -584,7 +603,7 @@ def _execute(job_id: str, me: str, on_progress: ProgressCallback | None,
     from .train import retrain
 
     with session_scope(settings.db_url) as s:
-        params = dict(s.get(TrainingJob, job_id).params or {})
+        params = dict(s.get_one(TrainingJob, job_id).params or {})
     epochs = int(params.get("epochs") or settings.retrain_epochs)
     lr = float(params.get("lr") or settings.retrain_lr)
     _report(job_id, {"stage": "loading data", "epoch": 0, "epochs": epochs}, on_progress, settings)
@@ -619,8 +638,9 @@ def _execute(job_id: str, me: str, on_progress: ProgressCallback | None,
              "n_new": len(data.new), "n_left_out": data.dropped,
              "epochs_run": len(result.history), "epochs": epochs, "lr": lr,
              "stopped_early": curve.stopped_early}
-    if data.test.kind == "uploads":
-        extra["served_recorded"] = _summary(base.get("metrics") or {}) | {
+    recorded = recorded_scores(base)
+    if data.test.kind == "uploads" and recorded:
+        extra["served_recorded"] = recorded | {
             "test": spec_of(base).get("description") or "its own test set"}
     _db_retry(_decide, job_id, me, version, base_version, result.test_metrics, served,
               data.new_ids, extra, settings)
@@ -719,9 +739,11 @@ def _decide(job_id: str, me: str, version: str, base_version: str, cand: dict[st
               f"{extra['test']} (n={cand['n']}); gate: candidate >= served - {margin:g}")
     recorded = extra.get("served_recorded")
     if recorded and recorded.get("macro_f1") is not None:
-        scores += (f"; the served model's recorded macro-F1 on {recorded['test']} is "
-                   f"{recorded['macro_f1']:.3f} (not re-checked here: install the data set to "
-                   "gate on it)")
+        by = "" if recorded.get("version") == base_version else \
+            f", measured on {recorded.get('version')}, its ancestor"
+        scores += (f"; the served line's recorded macro-F1 on {recorded['test']} is "
+                   f"{recorded['macro_f1']:.3f}{by} (not re-checked here: install the data set "
+                   "to gate on it)")
     if extra.get("n_left_out"):
         scores += f"; {extra['n_left_out']} upload(s) of the test set were left out of training"
     promote = c_f1 >= s_f1 - margin
@@ -779,6 +801,7 @@ __all__ = [
     "evaluate_checkpoint",
     "get_job",
     "get_or_create_job",
+    "install",
     "job_to_dict",
     "list_jobs",
     "recover_orphaned_jobs",

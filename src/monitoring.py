@@ -7,7 +7,7 @@ would report one random worker's share). The JSON summary (``/api/v1/metrics``) 
 from exactly the same merged samples, so the two views can never disagree.
 
 The folder is ``PROMETHEUS_MULTIPROC_DIR`` when set (one per server: the gunicorn master wipes
-it on start, see ``web/gunicorn_conf.py``), else ``<state_dir>/prometheus``. It must be chosen
+it on start, see ``deploy/gunicorn.conf.py``), else ``<state_dir>/prometheus``. It must be chosen
 before the first metric is created; ``setup`` does that and switches prometheus_client to its
 multiprocess value class even if something imported prometheus_client earlier.
 

@@ -20,6 +20,8 @@ import soxr
 import torch
 from torch import nn
 
+from .errors import UserError
+
 SAMPLE_RATE = 22_050
 CLIP_SECONDS = 4.0
 CLASSES: tuple[str, ...] = (
@@ -38,13 +40,16 @@ CLASSES: tuple[str, ...] = (
 AudioSource = str | Path | bytes | BinaryIO
 
 
-class AudioError(ValueError):
+# Undecodable bytes are an unsupported media type; a file that decodes but cannot be used
+# (silent, too short, odd rate) is unprocessable; a missing or empty one is a bad request.
+AUDIO_STATUS = {"undecodable": 415, "empty": 400, "not_found": 400}
+
+
+class AudioError(UserError, ValueError):
     """A clip we refuse, with a stable machine-readable ``code`` and a human message."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code, status=AUDIO_STATUS.get(code, 422))
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ def _open(source: AudioSource) -> sf.SoundFile:
             raise AudioError("empty", "The file is empty.")
     try:
         return sf.SoundFile(source)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+    except Exception as exc:  # libsndfile fails on hostile input in many ways: all one answer
         raise AudioError(
             "undecodable",
             "Not a readable audio file (WAV, FLAC, OGG or MP3 expected): "
@@ -132,7 +137,7 @@ def decode(source: AudioSource, max_seconds: float | None = None) -> tuple[np.nd
         limit = -1 if max_seconds is None else math.ceil(max_seconds * f.samplerate)
         try:
             data = f.read(frames=limit, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as exc:
+        except Exception as exc:  # a corrupt body fails in many ways too
             raise AudioError("undecodable", f"The audio data is corrupt: {exc}") from None
         return data, f.samplerate
 
@@ -271,6 +276,9 @@ class LogMel(nn.Module):
     filters, ``10 log10(max(S, 1e-10))``. Lives in torch so it batches on CPU or GPU.
     """
 
+    window: torch.Tensor  # buffers, registered below: typed here for the checker
+    fb: torch.Tensor
+
     def __init__(self, config: FeatureConfig):
         super().__init__()
         self.n_fft, self.hop = config.n_fft, config.hop_length
@@ -300,6 +308,9 @@ def band_statistics(logmels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Standardise(nn.Module):
+    mean: torch.Tensor  # buffers, registered below: typed here for the checker
+    std: torch.Tensor
+
     def __init__(self, mean: np.ndarray, std: np.ndarray):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 1, -1, 1))

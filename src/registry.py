@@ -53,6 +53,8 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class RegistryError(UserError):
     """A registry operation that cannot be done; ``message`` says why and what to do."""
 
+    code, status = "activation_refused", 409
+
 
 @dataclass
 class VersionInfo:
@@ -92,8 +94,7 @@ def check_version_name(version: str) -> str:
     if not isinstance(version, str) or not _VERSION.match(version) or version.endswith(SUFFIX):
         raise RegistryError(
             f"Invalid version name {version!r}: use letters, digits, '.', '_' and '-' "
-            "(at most 100 characters)."
-        )
+            "(at most 100 characters).", code="invalid_version", status=400)
     return version
 
 
@@ -501,6 +502,58 @@ def reject(version: str, reason: str, *, models_dir: Path | None = None,
         session.flush()
 
 
+def lineage(version: str, models_dir: Path | None = None) -> list[str]:
+    """``version`` and its ancestors, parent first, as far as their files tell (a missing or
+    unreadable ancestor ends the walk)."""
+    root = _dir(models_dir)
+    chain = [version]
+    while len(chain) < 1000:
+        try:
+            parent = read_metadata(version_path(chain[-1], root)).get("parent")
+        except RegistryError:
+            break
+        if not parent or parent in chain:
+            break
+        chain.append(str(parent))
+    return chain
+
+
+def serve(version: str, *, force: bool = False, models_dir: Path | None = None,
+          db_url: str | None = None) -> dict[str, Any]:
+    """The one way a person or a program changes the served model (API, pages, CLI alike):
+    refuse what must not be served, with a code each adapter can answer with, then
+    ``activate`` it with the database following. Database down: the pointer is the truth for
+    serving, so the swap still happens and ``sync_db`` reconciles later. Returns the version
+    and the one it replaced."""
+    from .db import DatabaseUnavailable, session_scope
+
+    root = _dir(models_dir)
+    check_version_name(version)
+    info = next((v for v in list_versions(root) if v.version == version), None)
+    if info is None:
+        raise RegistryError(f"No model version {version!r}.", code="unknown_version",
+                            status=404)
+    if info.status == "corrupt":
+        raise RegistryError(info.error or "The file is unreadable.", code="version_corrupt",
+                            status=409)
+    if info.status == "rejected" and not force:
+        raise RegistryError(
+            f"Version {version} was rejected ({info.reason or 'no reason given'}); pass "
+            "force=true to serve it anyway.", code="version_rejected", status=409)
+    pointer = read_pointer(root)
+    previous = pointer["version"] if pointer else None
+    try:
+        with session_scope(db_url) as session:
+            activate(version, models_dir=root, session=session, force=force)
+    except DatabaseUnavailable as exc:
+        log.warning("serving %s without recording it in the database (%s)", version,
+                    exc.message)
+        now = read_pointer(root)
+        if not now or now["version"] != version:
+            activate(version, models_dir=root, force=force)
+    return {"version": version, "previous": previous}
+
+
 def rollback(*, models_dir: Path | None = None, session: Any = None) -> str:
     """Serve the model the current one replaced, and return its version.
 
@@ -576,8 +629,8 @@ def list_versions(models_dir: Path | None = None, session: Any = None) -> list[V
         from .db import ModelVersion
 
         for row in session.scalars(sa.select(ModelVersion)):
-            info = infos.get(row.version)
-            if info is None:
+            known = infos.get(row.version)
+            if known is None:
                 infos[row.version] = VersionInfo(
                     version=row.version, file=row.file, status="missing", parent=row.parent,
                     sha256=row.sha256, metrics=row.metrics or {}, data=row.data_summary or {},
@@ -585,8 +638,8 @@ def list_versions(models_dir: Path | None = None, session: Any = None) -> list[V
                     error="The database lists this version but its file is gone.")
                 continue
             if row.activated_at is not None:
-                info.activated_at = row.activated_at.isoformat(timespec="seconds")
-            info.reason = info.reason or row.message
+                known.activated_at = row.activated_at.isoformat(timespec="seconds")
+            known.reason = known.reason or row.message
     return sorted(infos.values(), key=lambda i: i.version, reverse=True)
 
 

@@ -35,9 +35,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from .datasets import Clip, DatasetError, group_of, read_class_folders, read_dataset
-from .db import ClipRole, UploadedClip, session_scope
+from .db import ClipRole, JobStatus, TrainingJob, UploadedClip, session_scope
 from .errors import UserError
-from .ingest import clips_as_dataset, unused_clips, upload_group
+from .ingest import clips_as_dataset, upload_group
 from .settings import Settings, get_settings
 from .testset import file_sha256, spec_for, spec_of
 
@@ -109,16 +109,26 @@ def _fixed_test(spec: dict[str, Any], settings: Settings
 
 # --------------------------------------------------------------------------- uploads
 
-def _uploads(session: Any) -> tuple[list[UploadedClip], list[UploadedClip], list[UploadedClip]]:
-    """(unused, used for training, held out) accepted uploads."""
-    unused = unused_clips(session)
-    waiting = {r.id for r in unused}
-    rows = session.scalars(sa.select(UploadedClip).where(UploadedClip.id.not_in(waiting))
-                           .order_by(UploadedClip.id))
-    used, held = [], []
-    for r in rows:
-        (held if r.role == ClipRole.test else used).append(r)
-    return unused, used, held
+def _uploads(session: Any, lineage: list[str]
+             ) -> tuple[list[UploadedClip], list[UploadedClip], list[UploadedClip]]:
+    """(new, learnt, held out) accepted uploads. Learnt means learnt by the served model or
+    one of its ancestors (``lineage``): after a rollback, what only the abandoned versions
+    learnt is new again, so the next retrain teaches it to the model now served."""
+    learnt_by = dict(session.execute(
+        sa.select(TrainingJob.id, TrainingJob.result_version)
+        .where(TrainingJob.status == JobStatus.succeeded)).all())
+    in_line = set(lineage)
+    new: list[UploadedClip] = []
+    learnt: list[UploadedClip] = []
+    held: list[UploadedClip] = []
+    for r in session.scalars(sa.select(UploadedClip).order_by(UploadedClip.id)):
+        if r.role == ClipRole.test:
+            held.append(r)
+        elif learnt_by.get(r.used_in_job_id) in in_line:
+            learnt.append(r)
+        else:
+            new.append(r)
+    return new, learnt, held
 
 
 def _hold_out(unused: list[UploadedClip], used: list[UploadedClip], held: list[UploadedClip]
@@ -147,13 +157,15 @@ def _in_test(clip: Clip, spec: dict[str, Any], test: list[Clip]) -> bool:
 
 # --------------------------------------------------------------------------- plan / prepare
 
-def _resolve(session: Any, spec: dict[str, Any], settings: Settings, commit_roles: bool
-             ) -> tuple[RetrainData | None, list[dict[str, str]], int]:
-    """The data of a retrain, or what is missing; with ``commit_roles`` the held-out slice is
-    recorded (flushed; the caller commits). Third item: unused uploads (before hold-out)."""
-    unused, used, held = _uploads(session)
+def _resolve(session: Any, spec: dict[str, Any], lineage: list[str], settings: Settings,
+             commit_roles: bool) -> tuple[RetrainData, list[dict[str, str]], int]:
+    """The data of a retrain, and what is missing (a retrain may run only when nothing is);
+    with ``commit_roles`` the held-out slice is recorded (flushed; the caller commits). Third
+    item: the unused uploads (before the hold-out)."""
+    unused, used, held = _uploads(session, lineage)
     fixed = _fixed_test(spec, settings)
     missing: list[dict[str, str]] = []
+    hold: set[int] = set()
     if fixed is not None:
         test, base, base_how = fixed
         new_rows = unused
@@ -161,10 +173,6 @@ def _resolve(session: Any, spec: dict[str, Any], settings: Settings, commit_role
         hold = _hold_out(unused, used, held)
         new_rows = [r for r in unused if r.id not in hold]
         held_rows = held + [r for r in unused if r.id in hold]
-        if commit_roles:
-            for r in unused:
-                r.role = ClipRole.test if r.id in hold else ClipRole.train
-            session.flush()
         test = TestSet("uploads", clips_as_dataset(held_rows, settings.uploads_dir),
                        f"{len(held_rows)} held-out upload(s) from "
                        f"{len({upload_group(r) for r in held_rows})} recording(s); no data set "
@@ -196,13 +204,15 @@ def _resolve(session: Any, spec: dict[str, Any], settings: Settings, commit_role
                 fix += (" — from at least 2 recordings, since with no data set installed a "
                         f"fifth of them is held out as the test set (or install one: {FIX_DATA})")
         missing.append({"what": what, "fix": fix})
-    if missing:
-        return None, missing, len(unused)
+    if commit_roles and test.kind == "uploads" and not missing:  # fixed for good from now on
+        for r in unused:
+            r.role = ClipRole.test if r.id in hold else ClipRole.train
+        session.flush()
     carried = dict(spec)
-    if test.kind != "uploads":  # complete the spec (older checkpoints lack hashes)
+    if test.kind != "uploads" and not missing:  # complete the spec (older ones lack hashes)
         carried.update(spec_for(test.clips, test.kind, test.description, test.folds))
     data = RetrainData(base, base_how, new, new_ids, test, carried, dropped=len(leaked))
-    return data, [], len(unused)
+    return data, missing, len(unused)
 
 
 def plan(settings: Settings | None = None) -> dict[str, Any]:
@@ -214,6 +224,7 @@ def plan(settings: Settings | None = None) -> dict[str, Any]:
     try:
         version, path = registry.current(settings.models_dir)
         spec = spec_of(registry.read_metadata(path))
+        line = registry.lineage(version, settings.models_dir)
     except UserError as exc:
         return {"ready": False, "served_version": None, "base": {"n": 0, "description": ""},
                 "new_uploads": 0, "test_set": None,
@@ -221,31 +232,35 @@ def plan(settings: Settings | None = None) -> dict[str, Any]:
                              "fix": "`urbansound train --data DIR`, or restore models/"}],
                 "summary": "No model is served, so there is nothing to fine-tune."}
     with session_scope(settings.db_url) as s:
-        data, missing, n_unused = _resolve(s, spec, settings, commit_roles=False)
-    if data is None:
-        return {"ready": False, "served_version": version, "base": {"n": 0, "description": ""},
-                "new_uploads": n_unused, "test_set": None, "missing": missing,
+        data, missing, n_unused = _resolve(s, spec, line, settings, commit_roles=False)
+    test = {"kind": data.test.kind, "description": data.test.description,
+            "n": len(data.test.clips)} if data.test.clips else None
+    base_n = min(len(data.base), settings.retrain_base_clips or len(data.base))
+    base = {"n": base_n, "description": data.base_description}
+    if missing:
+        return {"ready": False, "served_version": version, "base": base,
+                "new_uploads": n_unused, "test_set": test, "missing": missing,
                 "summary": "A retrain cannot run yet: " + "; ".join(m["what"] for m in missing)
                 + "."}
-    test = {"kind": data.test.kind, "description": data.test.description,
-            "n": len(data.test.clips)}
-    base_n = min(len(data.base), settings.retrain_base_clips or len(data.base))
+    assert test is not None  # no test clips is always a missing item
     summary = (f"A retrain fine-tunes {version} on {len(data.new)} new upload(s)"
                + (f" and {base_n} base clip(s)" if base_n else "")
                + f", then grades it against the served model on {test['n']} test clip(s) "
                f"({data.test.description}).")
     if data.dropped:
         summary += f" {data.dropped} upload(s) from the test set are left out."
-    return {"ready": True, "served_version": version,
-            "base": {"n": base_n, "description": data.base_description},
+    return {"ready": True, "served_version": version, "base": base,
             "new_uploads": len(data.new), "test_set": test, "missing": [], "summary": summary}
 
 
 def prepare(base: dict[str, Any], settings: Settings) -> RetrainData:
     """The data of a running retrain; records the held-out slice of the uploads for good."""
+    from . import registry
+
+    line = registry.lineage(base["version"], settings.models_dir)
     with session_scope(settings.db_url) as s:
-        data, missing, _ = _resolve(s, spec_of(base), settings, commit_roles=True)
-    if data is None:
+        data, missing, _ = _resolve(s, spec_of(base), line, settings, commit_roles=True)
+    if missing:
         raise RetrainError("Cannot retrain: " + "; ".join(
             f"{m['what']} (fix: {m['fix']})" for m in missing) + ".")
     data.base = subsample(data.base, settings.retrain_base_clips)

@@ -57,7 +57,11 @@ class Settings(BaseSettings):
     broker_timeout_s: float = Field(3.0, description="Broker connect timeout when queuing a job "
                                     "(Redis down fails fast).")
 
-    torch_threads: int = Field(0, description="torch threads per process; 0 = leave default.")
+    cpu_cores: int = Field(0, description="Cores this server may use (a replica's share, a "
+                           "container's limit); 0 = CPU affinity and cgroup quota.")
+    torch_threads: int = Field(0, description="torch threads per process; 0 = cores / "
+                               "processes under gunicorn and the stack, all cores when "
+                               "training, torch's default elsewhere.")
     model_poll_s: float = Field(0.5, description="How often web processes look for a new model.")
 
     @field_validator("state_dir", "data_dir", "models_dir", mode="after")

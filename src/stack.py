@@ -17,7 +17,7 @@ a container engine (this project's CI among them) can run and load-test it:
   SIGQUIT; Celery: SIGTERM = warm shutdown), waits, then SIGKILLs what is left, and checks that
   no process of any group survived.
 
-CPU budget: replicas x workers x torch threads = cores (see ``deploy/gunicorn.conf.py``). On
+CPU budget: replicas x workers x torch threads = cores (``src/cpu.py``). On
 a 2-core machine 1 replica gets 2 workers, 2 replicas get 1 worker each, and 4 replicas run 4
 single-threaded workers on 2 cores (oversubscribed on purpose: that is what the load test
 measures). The Celery worker runs at a lower CPU priority (``nice`` 5, about a third of a web
@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import pwd
@@ -49,7 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from . import cpu
+from .errors import UserError, one_line
 from .settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,23 +116,6 @@ class StackState:
 
 
 # --------------------------------------------------------------------------- environment
-
-def cpu_cores() -> int:
-    """Cores this process may use (honours taskset/cpusets, unlike ``os.cpu_count``)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def workers_per_replica(replicas: int, cores: int | None = None) -> int:
-    return max(1, (cores or cpu_cores()) // max(1, replicas))
-
-
-def torch_threads(replicas: int, workers: int, cores: int | None = None) -> int:
-    """Threads per worker so that replicas x workers x threads = cores (at least 1)."""
-    return max(1, (cores or cpu_cores()) // max(1, replicas * workers))
-
 
 def stack_dir(settings: Settings | None = None) -> Path:
     return (Path((settings or get_settings()).state_dir) / "stack").resolve()
@@ -297,7 +282,9 @@ def alive(proc: Proc) -> bool:
     """The recorded process still runs (and is the same process: same start time; a zombie
     waiting for its parent to reap it does not count)."""
     fields = _proc_stat(proc.pid)
-    return bool(fields) and fields[0] != "Z" and int(fields[19]) == proc.start_time
+    if not fields:
+        return False
+    return fields[0] != "Z" and int(fields[19]) == proc.start_time
 
 
 def group_members(pgid: int) -> list[int]:
@@ -475,8 +462,7 @@ def _preflight(settings: Settings, say: Callable[[str], None]) -> bool:
     try:
         jobs.check_broker(settings)
     except Exception as exc:
-        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        raise StackError(f"broker not reachable: {' '.join(message.split())}") from None
+        raise StackError(f"broker not reachable: {one_line(exc)}") from None
     try:
         version, _ = registry.current(settings.models_dir)
         say(f"model: {version} from {Path(settings.models_dir).resolve()}")
@@ -512,11 +498,13 @@ def up(cfg: StackConfig, settings: Settings | None = None,
             old.unlink()
         need_model = _preflight(settings, say)
 
-        workers = cfg.workers or workers_per_replica(cfg.replicas)
+        cores = cpu.usable_cores(settings)
+        workers = cfg.workers or cpu.workers_per_replica(cfg.replicas, cores)
         env = child_environment(settings)
         web_env = dict(env)
-        if not (settings.torch_threads or env.get("URBANSOUND_TORCH_THREADS")):
-            web_env["URBANSOUND_TORCH_THREADS"] = str(torch_threads(cfg.replicas, workers))
+        if not env.get("URBANSOUND_TORCH_THREADS"):
+            web_env["URBANSOUND_TORCH_THREADS"] = str(
+                cpu.torch_threads(cfg.replicas, workers, cores, settings))
         state = StackState(state_dir=str(Path(settings.state_dir).resolve()),
                            nginx_port=cfg.port, replica_ports=ports,
                            flower_port=cfg.flower_port if cfg.flower else None)
@@ -547,7 +535,7 @@ def up(cfg: StackConfig, settings: Settings | None = None,
                                  f"--port={cfg.flower_port}", "--address=127.0.0.1"], env,
                       port=cfg.flower_port)
             deadline = time.monotonic() + cfg.timeout_s
-            wait_until({f"web-{i + 1}": (lambda p=p: _replica_ok(p, need_model))
+            wait_until({f"web-{i + 1}": functools.partial(_replica_ok, p, need_model)
                         for i, p in enumerate(ports)}, procs, deadline)
 
             prefix = d / "nginx"

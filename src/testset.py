@@ -42,6 +42,28 @@ def spec_for(clips: list[Clip], kind: str, description: str, folds: list[int] | 
             "recordings": sorted({c.group for c in clips})}
 
 
+def with_scores(spec: dict[str, Any], version: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The spec plus the scores ``version`` earned on exactly this test set. A retrain graded
+    elsewhere (held-out uploads) carries them on unchanged, so whoever quotes "the served
+    line's figures on fold 3" quotes figures really measured on fold 3, and by whom."""
+    keep = ("n", "accuracy", "macro_f1", "loss")
+    return {**spec, "scores": {"version": version, **{k: metrics[k] for k in keep
+                                                      if k in metrics}}}
+
+
+def recorded_scores(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures measured on the checkpoint's own test set, by it or an ancestor; older
+    checkpoints have them in ``metrics`` when they were graded on their test folds."""
+    spec = spec_of(ckpt)
+    if spec.get("scores"):
+        return dict(spec["scores"])
+    metrics = ckpt.get("metrics") or {}
+    if metrics.get("test_folds") and metrics.get("macro_f1") is not None:
+        return {"version": ckpt.get("version"), "n": metrics.get("n"),
+                "accuracy": metrics.get("accuracy"), "macro_f1": metrics["macro_f1"]}
+    return None
+
+
 _hash_cache: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
 

@@ -6,7 +6,6 @@ which is what the Celery worker runs. Both end in the same self-describing check
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .model import (
     new_model,
 )
 from .preprocessing import CLASSES, FeatureConfig, encode_labels, fold_split, group_split
-from .testset import spec_for, spec_of
+from .testset import spec_for, spec_of, with_scores
 
 
 @dataclass
@@ -111,8 +110,8 @@ def train(
                                        "fold" not in how and "split" not in how else "split")
     data = {"train": summarise(tr.clips), "validation": summarise(va.clips),
             "test": summarise(te.clips), "source_dir": str(data_dir), "split": how,
-            "test_set": spec_for(te.clips, kind, how.removeprefix("test = "),
-                                 sorted(test_folds or [])),
+            "test_set": with_scores(spec_for(te.clips, kind, how.removeprefix("test = "),
+                                             sorted(test_folds or [])), version, metrics),
             "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
             "teachers": [t["version"] for t in teachers or []]}
     ckpt = make_checkpoint(model, CLASSES, version, None, metrics, data, history)
@@ -170,9 +169,12 @@ def retrain(
                   teachers=teacher)
     metrics = evaluate_model(model, te.x, te.y, tuple(base["classes"]))
     spec = dict(carried_spec or spec_of(base))
+    graded_on_spec = not learn_without_forgetting  # else: a held-out slice of the uploads
     metrics["split"] = f"test = {test_how or spec.get('description') or 'the base model test set'}"
     # fold figures only when the folds were what it was graded on (not a held-out upload slice)
-    metrics["test_folds"] = (spec.get("folds") or None) if not learn_without_forgetting else None
+    metrics["test_folds"] = (spec.get("folds") or None) if graded_on_spec else None
+    if graded_on_spec:
+        spec = with_scores(spec, version, metrics)
     base_data = base.get("data") or {}
     data = {"train": summarise(tr.clips), "validation": summarise(va.clips),
             "new_clips": summarise(list(new_clips)), "test": summarise(te.clips),
@@ -187,6 +189,8 @@ def retrain(
 
 
 def set_threads(n: int | None = None) -> None:
-    """Use every core for training unless told otherwise (URBANSOUND_TORCH_THREADS)."""
-    n = n or int(os.environ.get("URBANSOUND_TORCH_THREADS", "0") or 0) or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    """Use every usable core for training unless told otherwise (URBANSOUND_TORCH_THREADS)."""
+    from .cpu import torch_threads
+    from .settings import Settings
+
+    torch.set_num_threads(n or torch_threads(settings=Settings()))

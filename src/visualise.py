@@ -324,8 +324,8 @@ def mean_spectrograms(stats: DatasetStats) -> tuple[Figure, str]:
         band = power.mean(axis=1)
         centroid[c] = float((stats.mel_hz * band).sum() / band.sum())
         steadiness[c] = float(np.std(10 * np.log10(power.mean(axis=0))))
-    low, high = min(centroid, key=centroid.get), max(centroid, key=centroid.get)
-    steady = sorted(steadiness, key=steadiness.get)
+    low, high = min(centroid, key=centroid.__getitem__), max(centroid, key=centroid.__getitem__)
+    steady = sorted(steadiness, key=steadiness.__getitem__)
     n = len(stats.sample_labels)
     text = (f"From {n} decoded clips. Energy sits lowest for {low} (mean-spectrum centroid "
             f"{_hz(centroid[low])}) and highest for {high} ({_hz(centroid[high])}). "
@@ -361,9 +361,9 @@ def loudness_and_centroid(stats: DatasetStats) -> tuple[Figure, str]:
     iqr_l = {c: float(np.subtract(*np.percentile(v, [75, 25]))) for c, v in
              zip(classes, loud, strict=True)}
     med_c = {c: float(np.median(v)) * 1000 for c, v in zip(classes, cent, strict=True)}
-    loudest, quietest = max(med_l, key=med_l.get), min(med_l, key=med_l.get)
-    widest = max(iqr_l, key=iqr_l.get)
-    bright, dark = max(med_c, key=med_c.get), min(med_c, key=med_c.get)
+    loudest, quietest = max(med_l, key=med_l.__getitem__), min(med_l, key=med_l.__getitem__)
+    widest = max(iqr_l, key=iqr_l.__getitem__)
+    bright, dark = max(med_c, key=med_c.__getitem__), min(med_c, key=med_c.__getitem__)
     spread = med_l[loudest] - med_l[quietest]
     text = (f"Median level runs from {med_l[quietest]:.1f} dBFS ({quietest}) to "
             f"{med_l[loudest]:.1f} dBFS ({loudest}), a {spread:.0f} dB range, while within one "

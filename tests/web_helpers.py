@@ -1,6 +1,7 @@
-"""Helpers shared by the web app's tests (code, integration, browser): audio bytes, a small
-model registry, free ports. Plain functions, importable as ``web_helpers`` (``tests/`` is on
-``sys.path`` because it holds the root ``conftest.py``)."""
+"""Helpers shared by the tests (code, model, integration, browser): audio bytes and tones, a
+small model registry, free ports, a real gunicorn, real clips. Plain functions, importable as
+``web_helpers`` (``tests/`` is on ``sys.path`` because it holds the root ``conftest.py``); one
+copy of each, so every test writes audio and picks ports the same way."""
 
 from __future__ import annotations
 
@@ -8,34 +9,41 @@ import csv
 import io
 import os
 import socket
-import wave
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 TOKEN = "test-token-0123456789"
 US8K = Path(__file__).resolve().parents[1].parent / "shared" / "us8k"
 PASSWORD = "test-admin-password"
 
 
-def wav_bytes(y: np.ndarray, sr: int = 22050) -> bytes:
-    """16-bit mono WAV of ``y`` (floats in [-1, 1])."""
+def audio_bytes(y: np.ndarray, sr: int = 22050, subtype: str | None = "PCM_16",
+                format: str = "WAV") -> bytes:
+    """``y`` (floats in [-1, 1]; ``(frames,)`` or ``(frames, channels)``) encoded in memory,
+    16-bit WAV unless ``subtype``/``format`` (soundfile's names) say otherwise."""
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes((np.clip(y, -1, 1) * 32767).astype("<i2").tobytes())
+    sf.write(buf, y, sr, format=format, subtype=subtype)
     return buf.getvalue()
 
 
-def tone(seconds: float = 1.0, freq: float = 440.0, sr: int = 22050, seed: int = 0) -> bytes:
-    """A noisy sine: decodable, not silent, and different bytes for each (freq, seed)."""
+def tone_samples(seconds: float = 1.0, freq: float = 440.0, sr: int = 22050, seed: int = 0,
+                 channels: int | None = None) -> np.ndarray:
+    """A noisy sine, float32: ``(frames,)``, or ``(frames, channels)`` when ``channels`` is
+    given (the same signal in each)."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
-    return wav_bytes(0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size), sr)
+    y = (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size))
+    y = y.astype(np.float32)
+    return y if channels is None else np.repeat(y[:, None], channels, axis=1)
+
+
+def tone(seconds: float = 1.0, freq: float = 440.0, sr: int = 22050, seed: int = 0) -> bytes:
+    """A noisy sine as WAV bytes: decodable, not silent, different bytes for each (freq, seed)."""
+    return audio_bytes(tone_samples(seconds, freq, sr, seed), sr)
 
 
 def build_registry(checkpoint: dict, root: Path) -> Path:
@@ -112,7 +120,7 @@ class Gunicorn:
         import subprocess
         import sys
 
-        from src.cli_web import gunicorn_config
+        from src.cli.web import gunicorn_config
 
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         # Its own metrics folder, always: the test process may have one in its environment

@@ -106,14 +106,12 @@ def _register_blueprints(app: APIFlask) -> None:
 
 
 def _init_celery(app: APIFlask, settings: Any) -> None:
-    """Flask's documented Celery pattern, when the worker package is installed."""
-    try:
-        from worker.celery_app import celery_config, celery_init_app
-    except ImportError as exc:  # pragma: no cover - a web-only install
-        log.info("Celery integration not available: %s", exc)
-        return
+    """Flask's documented Celery pattern; and this process queues retrains through it."""
+    from .celery_app import celery_config, celery_init_app, install
+
     app.config.setdefault("CELERY", celery_config(settings))
     celery_init_app(app)
+    install()
 
 
 def _instrument(app: APIFlask) -> None:

@@ -11,10 +11,10 @@ from apiflask import APIBlueprint, APIFlask
 from flask import Response, render_template, request, url_for
 from werkzeug.utils import secure_filename
 
-from src.preprocessing import AudioError
+from src import jobs
 
 from . import package_version, schemas, services
-from .errors import api_error, audio_error
+from .errors import api_error
 from .security import token_auth
 
 MIB = 1 << 20
@@ -109,15 +109,7 @@ def run_prediction(data: bytes, top_k: int = 3) -> tuple[Any, Any, float, Any]:
         raise api_error(503, "no_model", "No model is being served yet: "
                         f"{st.predictors.error or 'still loading'}.")
     started = time.perf_counter()
-    try:
-        waveform = predictor.load(data)
-    except AudioError as exc:
-        raise audio_error(exc) from None
-    except Exception as exc:  # decoders raise many types on hostile input: all mean "unreadable"
-        import logging
-
-        logging.getLogger(__name__).warning("decoder failed on upload: %r", exc)
-        raise api_error(415, "undecodable", "Not a readable audio file.") from None
+    waveform = predictor.load(data)  # AudioError (a UserError) says what is wrong with it
     probabilities = predictor.probabilities(waveform)[0]
     prediction = predictor.from_probabilities(probabilities, top_k)
     latency = time.perf_counter() - started
@@ -157,16 +149,10 @@ def keep_clip(data: bytes, filename: str | None) -> str:
 def store_feedback(prediction_id: str, label: str, client: str, source: str = "ui"
                    ) -> dict[str, Any]:
     """The kept clip of ``prediction_id`` as a labelled upload: the upload report."""
-    from src import feedback, ingest
+    from src import feedback
 
-    try:
-        report = feedback.record(prediction_id, label, source=source, client=client,
-                                 settings=services.state().settings)
-    except feedback.FeedbackError as exc:
-        raise api_error(404 if exc.code == "not_found" else 400, exc.code, exc.message) \
-            from None
-    except ingest.IngestError as exc:
-        raise api_error(400, "bad_request", exc.message) from None
+    report = feedback.record(prediction_id, label, source=source, client=client,
+                             settings=services.state().settings)
     return upload_report(report)
 
 
@@ -215,11 +201,7 @@ def ingest_request(source: str, client: str) -> dict[str, Any]:
     if not items:
         raise api_error(400, "no_files", EMPTY_BODY if not request.content_length
                         else "No files in the request (multipart field 'files').")
-    try:
-        report = ingest.ingest(items, label=label, source=source, client=client)
-    except ingest.IngestError as exc:
-        code = "unknown_label" if "label" in exc.message.lower() else "no_files"
-        raise api_error(400, code, exc.message) from None
+    report = ingest.ingest(items, label=label, source=source, client=client)
     return upload_report(report)
 
 
@@ -280,30 +262,10 @@ def get_upload(upload_id: int):
 
 # --------------------------------------------------------------------------- retraining
 
-def job_out(job: dict[str, Any]) -> dict[str, Any]:
-    """The jobs module's dict, with ``done``/``promoted`` derived and times as ISO strings."""
-    out = {k: (v.isoformat(timespec="seconds") if hasattr(v, "isoformat") else v)
-           for k, v in dict(job).items()}
-    status = out.get("status")
-    out["done"] = status in ("succeeded", "rejected", "failed")
-    out.setdefault("promoted", None if not out["done"] else status == "succeeded")
-    return out
-
-
 def start_retrain(requested_by: str, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    jobs = services.jobs_module()
-    try:
-        job, created = jobs.request_retrain(requested_by, params)
-    except jobs.BrokerUnavailable as exc:
-        extra = {"job": job_out(exc.job)} if getattr(exc, "job", None) else {}
-        raise api_error(503, "broker_unavailable",
-                        getattr(exc, "message", None) or str(exc) or "The broker is down.",
-                        **extra) from None
-    except getattr(jobs, "JobParamsError", ()) as exc:
-        raise api_error(422, "invalid_params", exc.message) from None
-    except jobs.RetrainNotReady as exc:
-        raise api_error(409, "not_ready", exc.message, plan=exc.plan) from None
-    return job_out(job), created
+    """Queue a retrain (or find the running one). Refusals are the core's ``UserError``s:
+    not ready (409, with the plan), bad parameters (422), broker down (503, with the job)."""
+    return jobs.request_retrain(requested_by, params)
 
 
 @api.get("/retrain/plan")
@@ -315,7 +277,7 @@ def retrain_plan():
     The base training clips, the new uploads and the test set the quality gate would grade
     on, or exactly what is missing (with the command that fixes it) before a retrain can
     run."""
-    return services.jobs_module().retrain_plan()
+    return jobs.retrain_plan()
 
 
 @api.post("/retrain")
@@ -346,10 +308,10 @@ def get_job(job_id: str):
 
     State, progress (epoch, loss, validation F1) and, once done, the result: promoted or
     rejected, and why."""
-    job = services.jobs_module().get_job(job_id)
+    job = jobs.get_job(job_id)
     if job is None:
         raise api_error(404, "not_found", f"No job {job_id}.")
-    return job_out(job)
+    return job
 
 
 @api.get("/jobs")
@@ -360,7 +322,7 @@ def list_jobs(query: dict):
     """Recent retraining jobs.
 
     The most recent jobs, newest first."""
-    return {"items": [job_out(j) for j in services.jobs_module().list_jobs(query["limit"])]}
+    return {"items": jobs.list_jobs(query["limit"])}
 
 
 # --------------------------------------------------------------------------- models
@@ -401,35 +363,16 @@ def list_models():
 
 
 def activate_version(version: str, force: bool = False) -> dict[str, Any]:
-    """Serve ``version`` (a rollback is the same operation with an older one)."""
+    """Serve ``version`` (a rollback is the same operation with an older one) and make this
+    process follow at once; refusals are ``registry.RegistryError``s (404/409)."""
     from src import registry
-    from src.db import DatabaseUnavailable, session_scope
 
     st = services.state()
-    root = st.settings.models_dir
-    info = next((v for v in registry.list_versions(root) if v.version == version), None)
-    if info is None:
-        raise api_error(404, "unknown_version", f"No model version {version!r}.")
-    if info.status == "corrupt":
-        raise api_error(409, "version_corrupt", info.error or "The file is unreadable.")
-    if info.status == "rejected" and not force:
-        raise api_error(409, "version_rejected",
-                        f"Version {version} was rejected ({info.reason or 'no reason given'}); "
-                        "pass force=true to serve it anyway.")
-    pointer = registry.read_pointer(root)
-    previous = pointer["version"] if pointer else None
-    try:
-        try:
-            with session_scope(st.settings.db_url) as session:
-                registry.activate(version, models_dir=root, session=session, force=force)
-        except DatabaseUnavailable:  # the pointer is the truth for serving; db can resync
-            registry.activate(version, models_dir=root, force=force)
-    except registry.RegistryError as exc:
-        raise api_error(409, "activation_refused", exc.message) from None
+    result = registry.serve(version, force=force, models_dir=st.settings.models_dir,
+                            db_url=st.settings.db_url)
     st.predictors.refresh()
     serving = st.predictor()
-    return {"version": version, "previous": previous,
-            "serving": serving.version if serving is not None else None}
+    return {**result, "serving": serving.version if serving is not None else None}
 
 
 @api.post("/models/<version>/activate")
@@ -437,6 +380,7 @@ def activate_version(version: str, force: bool = False) -> dict[str, Any]:
 @api.input(schemas.ActivateQuery, location="query", arg_name="query")
 @api.output(schemas.ActivateOut)
 @api.doc(responses={
+    400: "Not a valid version name", 404: "No such version",
     409: "The version is rejected (use force) or corrupt"})
 def activate(version: str, query: dict):
     """Serve a version (rollback).

@@ -16,6 +16,8 @@ from apiflask import APIFlask, HTTPError
 from flask import Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from src.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STATUS_CODES = {
@@ -25,10 +27,6 @@ STATUS_CODES = {
     429: "too_many_requests", 500: "internal_error", 501: "not_implemented",
     503: "unavailable",
 }
-
-# ``AudioError.code`` → status: undecodable bytes are an unsupported media type; a file that
-# decodes but cannot be used (silent, too short, odd rate) is unprocessable; nothing is 400.
-AUDIO_STATUS = {"undecodable": 415, "empty": 400, "not_found": 400}
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -52,11 +50,6 @@ def api_error(status: int, code: str, message: str, headers: dict | None = None,
               **extra: Any) -> HTTPError:
     """An exception that ends the request with the JSON envelope (``raise api_error(...)``)."""
     return HTTPError(status, message, headers=headers, extra_data={"code": code, **extra})
-
-
-def audio_error(exc: Any) -> HTTPError:
-    """``preprocessing.AudioError`` → 400/415/422 carrying its code."""
-    return api_error(AUDIO_STATUS.get(exc.code, 422), exc.code, exc.message)
 
 
 def wants_json() -> bool:
@@ -134,28 +127,16 @@ def register(app: APIFlask) -> None:
             STATUS_CODES.get(status, "error")
         return respond(status, code, message, error.get_headers())
 
+    @app.errorhandler(UserError)
+    def _user_error(error: UserError):
+        """Every error a person can fix, from any layer of the core, mapped in one place."""
+        extra = {k: v for k, v in error.extra.items() if v is not None}
+        return respond(error.status, error.code, error.message, extra=extra)
+
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):
         if isinstance(error, HTTPError):  # pragma: no cover - routed above by Flask
             return _http_error(error)
-        unavailable = _unavailable(error)
-        if unavailable is not None:
-            return respond(503, *unavailable)
         log.exception("unhandled error on %s %s", request.method, request.path)
         return respond(500, "internal_error",
                        "Something went wrong on our side; it has been logged.")
-
-
-def _unavailable(error: Exception) -> tuple[str, str] | None:
-    """Known outages (database, broker) are 503s with their own message, not crashes."""
-    from src.db import DatabaseUnavailable
-
-    if isinstance(error, DatabaseUnavailable):
-        return "database_unavailable", error.message
-    try:
-        from src.jobs import BrokerUnavailable
-    except ImportError:  # pragma: no cover - the jobs module is optional here
-        return None
-    if isinstance(error, BrokerUnavailable):
-        return "broker_unavailable", getattr(error, "message", None) or str(error)
-    return None

@@ -126,6 +126,9 @@ class StoredClip(Schema):
     channels = Integer(required=True)
     size_bytes = Integer(required=True)
     used_in_job_id = String(allow_none=True)
+    role = String(allow_none=True, metadata={
+        "description": "train, or test: held out as the quality gate's test set (no data set "
+        "installed); unset until a retrain decides."})
 
 
 class RejectedFile(Schema):

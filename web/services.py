@@ -19,6 +19,7 @@ from typing import Any
 
 from flask import current_app
 
+from src.errors import one_line
 from src.monitoring import Monitor
 from src.settings import Settings
 
@@ -59,7 +60,7 @@ class LivePredictorHolder:
             self.error = None
             log.info("serving model %s from %s", self._live.current.version, self.models_dir)
         except Exception as exc:  # any failure to load means "not ready", never a crash
-            self.error = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            self.error = one_line(exc)
             log.warning("no model to serve yet: %s", self.error)
 
     @property
@@ -109,8 +110,10 @@ def state() -> AppState:
 
 
 def configure_torch_threads(settings: Settings) -> None:
-    """One intra-op thread per worker unless told otherwise: with several gunicorn workers on a
-    few cores, torch's default (all cores per process) oversubscribes and slows everyone."""
+    """Apply ``URBANSOUND_TORCH_THREADS`` when set: under gunicorn the config's ``post_fork``
+    sets it to this worker's share of the cores (``src/cpu.py``), since torch's default (all
+    cores per process) oversubscribes as soon as there are two workers. Elsewhere (tests, a
+    single process) torch keeps its default."""
     import torch
 
     n = settings.torch_threads or int(os.environ.get("URBANSOUND_TORCH_THREADS", "0") or 0)
@@ -137,8 +140,7 @@ def _cached_probe(key: str, check) -> str | None:
         check()
         error = None
     except Exception as exc:
-        error = " ".join((getattr(exc, "message", None) or str(exc) or type(exc).__name__)
-                         .split())[:300]
+        error = one_line(exc)[:300]
     with _probe_lock:
         _probe_cache[key] = (time.monotonic(), error)
     return error
@@ -151,21 +153,10 @@ def database_error(settings: Settings) -> str | None:
 
 
 def broker_error(settings: Settings) -> str | None:
-    def check() -> None:
-        try:
-            from src import jobs
-        except ImportError:
-            jobs = None
-        if jobs is not None and hasattr(jobs, "check_broker"):
-            jobs.check_broker(settings)
-            return
-        from kombu import Connection
+    from src import jobs
 
-        with Connection(settings.celery_broker, connect_timeout=2,
-                        transport_options={"max_retries": 0}) as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-
-    return _cached_probe(f"broker:{settings.celery_broker}", check)
+    return _cached_probe(f"broker:{settings.celery_broker}",
+                         lambda: jobs.check_broker(settings))
 
 
 def reset_probe_cache() -> None:
@@ -175,45 +166,20 @@ def reset_probe_cache() -> None:
 
 # --------------------------------------------------------------------------- uploads
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat(timespec="seconds") if value is not None else None
-
-
-def upload_summary(row: Any) -> dict[str, Any]:
-    return {"id": row.id, "created_at": _iso(row.created_at), "source": row.source,
-            "client": row.client, "n_files": row.n_files, "n_accepted": row.n_accepted,
-            "n_rejected": row.n_rejected}
-
-
 def list_uploads(limit: int = 50, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    import sqlalchemy as sa
-
-    from src.db import Upload, session_scope
+    from src import ingest
+    from src.db import session_scope
 
     with session_scope(state().settings.db_url) as session:
-        total = session.scalar(sa.select(sa.func.count()).select_from(Upload)) or 0
-        rows = session.scalars(sa.select(Upload).order_by(Upload.id.desc())
-                               .limit(limit).offset(offset)).all()
-        return [upload_summary(r) for r in rows], total
+        return ingest.list_uploads(session, limit, offset)
 
 
 def get_upload(upload_id: int) -> dict[str, Any] | None:
-    from src.db import Upload, session_scope
+    from src import ingest
+    from src.db import session_scope
 
     with session_scope(state().settings.db_url) as session:
-        row = session.get(Upload, upload_id)
-        if row is None:
-            return None
-        out = upload_summary(row)
-        out["accepted"] = [
-            {"clip_id": c.id, "name": c.original_name, "label": c.label, "sha256": c.sha256,
-             "duration_s": c.duration_s, "sample_rate": c.sample_rate, "channels": c.channels,
-             "size_bytes": c.size_bytes, "used_in_job_id": c.used_in_job_id}
-            for c in sorted(row.clips, key=lambda c: c.id)]
-        out["rejected"] = [
-            {"name": r.original_name, "code": r.reason_code, "message": r.message}
-            for r in sorted(row.rejects, key=lambda r: r.id)]
-        return out
+        return ingest.get_upload(session, upload_id)
 
 
 def upload_stats() -> dict[str, Any]:
@@ -224,15 +190,3 @@ def upload_stats() -> dict[str, Any]:
         return ingest.upload_stats(session)
 
 
-# --------------------------------------------------------------------------- jobs
-
-def jobs_module():
-    """``src.jobs`` (the Celery engineer's service layer); 503 if it is not installed."""
-    try:
-        from src import jobs
-    except ImportError as exc:
-        from .errors import api_error
-
-        raise api_error(503, "jobs_unavailable",
-                        f"Retraining is not available in this build ({exc}).") from None
-    return jobs

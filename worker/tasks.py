@@ -16,8 +16,7 @@ from celery.signals import worker_process_init, worker_ready
 from src import jobs
 from src.db import DatabaseUnavailable
 from src.settings import get_settings
-
-from .celery_app import RETRAIN_TASK
+from web.celery_app import RETRAIN_TASK
 
 log = logging.getLogger(__name__)
 _settings = get_settings()

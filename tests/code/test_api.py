@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from web_helpers import TOKEN, tone, wav_bytes
+from web_helpers import TOKEN, audio_bytes, tone
 
 from src.preprocessing import CLASSES
 
@@ -68,8 +68,8 @@ def test_predict_bad_top_k(client, clip, top_k):
 @pytest.mark.parametrize(("data", "ctype", "status", "code"), [
     (b"", "audio/wav", 400, "empty"),
     (b"this is not audio at all" * 10, "audio/wav", 415, "undecodable"),
-    (wav_bytes(np.zeros(22050)), "audio/wav", 422, "silent"),
-    (wav_bytes(0.5 * np.ones(50)), "audio/wav", 422, "too_short"),
+    (audio_bytes(np.zeros(22050)), "audio/wav", 422, "silent"),
+    (audio_bytes(0.5 * np.ones(50)), "audio/wav", 422, "too_short"),
     (b'{"file": 1}', "application/json", 415, "unsupported_media_type"),
     (b"a=b", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
     (b"hello", "text/plain", 415, "unsupported_media_type"),
@@ -334,11 +334,11 @@ def test_retrain_broker_down_is_503(client, auth, pending_upload):
 def test_retrain_through_the_embedded_broker(client, auth, pending_upload):
     """No stub: the task really goes into the SQLite broker (nobody consumes it here)."""
     from src.settings import get_settings
-    from worker.celery_app import celery_config
+    from web.celery_app import celery_config
 
     options = celery_config(get_settings()).get("broker_transport_options", {})
     if "socket_connect_timeout" in options:  # passed to SQLAlchemy's create_engine: refused
-        pytest.xfail("worker.celery_app.celery_config gives the SQLAlchemy (embedded) broker "
+        pytest.xfail("web.celery_app.celery_config gives the SQLAlchemy (embedded) broker "
                      "Redis-only transport options; the embedded default cannot queue jobs")
     r = client.post("/api/v1/retrain", headers=auth)
     assert r.status_code == 202 and r.get_json()["job"]["status"] == "queued"

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from web_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -300,7 +301,7 @@ def test_every_copied_path_exists_and_reaches_the_build(dockerfile, dockerignore
 
 
 def test_dockerignore_keeps_code_and_drops_state(dockerignore) -> None:
-    for kept in ("src/cli.py", "web/templates/base.html", "web/static/style.css",
+    for kept in ("src/cli/__init__.py", "web/templates/base.html", "web/static/style.css",
                  "migrations/env.py", "alembic.ini", "models/CURRENT", ".env.example"):
         assert not dockerignore.excluded(kept), kept
     for dropped in (".env", ".venv/bin/python", "var/urbansound.db", "data/train/x.wav",
@@ -377,12 +378,6 @@ def test_commands_named_by_the_images_and_compose_exist(compose) -> None:
 
 
 # --------------------------------------------------------------------------- nginx
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_nginx_accepts_the_rendered_template(tmp_path, isolated_settings) -> None:
     from src import stack
@@ -536,7 +531,7 @@ def test_stack_down_and_status_when_nothing_runs(isolated_settings) -> None:
 
 
 def test_cpu_budget_per_replica() -> None:
-    from src.stack import torch_threads, workers_per_replica
+    from src.cpu import torch_threads, workers_per_replica
 
     assert [workers_per_replica(n, 2) for n in (1, 2, 4)] == [2, 1, 1]
     assert [torch_threads(n, workers_per_replica(n, 2), 2) for n in (1, 2, 4)] == [1, 1, 1]

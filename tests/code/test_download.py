@@ -11,7 +11,6 @@ import hashlib
 import io
 import re
 import shutil
-import socket
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -23,9 +22,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from typer.testing import CliRunner
+from web_helpers import free_port
 
 from src import download as dl
-from src.cli_data import app
+from src.cli.data import app
 from src.datasets import read_dataset, read_manifest, read_us8k
 from src.preprocessing import CLASSES, load_clip
 
@@ -209,9 +209,7 @@ def test_http_404_is_a_clear_error(server, tmp_path):
 
 
 def test_connection_refused_is_a_clear_error(tmp_path):
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port that was free a moment ago: nothing listens there
     with pytest.raises(dl.NetworkError, match="connection refused") as err:
         _get(f"http://127.0.0.1:{port}/x.tar.gz", tmp_path / "x.tar.gz")
     assert err.value.message.startswith("cannot reach 127.0.0.1")

@@ -37,7 +37,7 @@ def test_data_readme_is_tracked_and_the_clips_are_ignored():
 # --------------------------------------------------------------------------- urbansound up
 
 def report(monkeypatch, tmp_path, **env: str) -> list[str]:
-    from src.cli_web import startup_report
+    from src.cli.web import startup_report
     from src.settings import get_settings
 
     base = {"URBANSOUND_STATE_DIR": str(tmp_path / "var"),

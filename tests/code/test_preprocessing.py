@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import time
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from web_helpers import audio_bytes, tone_samples
 
 from src.datasets import read_us8k
 from src.preprocessing import (
@@ -33,18 +33,6 @@ from src.preprocessing import (
 CFG = FeatureConfig()
 
 
-def tone(sr: int, seconds: float = 1.0, channels: int = 1, freq: float = 440.0) -> np.ndarray:
-    t = np.arange(int(sr * seconds)) / sr
-    y = 0.5 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(0).standard_normal(t.size)
-    return np.repeat(y[:, None], channels, axis=1).astype(np.float32)
-
-
-def encoded(data: np.ndarray, sr: int, fmt: str, subtype: str | None) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, data, sr, format=fmt, subtype=subtype)
-    return buf.getvalue()
-
-
 WAV_SUBTYPES = ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "IMA_ADPCM",
                 "MS_ADPCM"]
 RATES = [8000, 11025, 16000, 22050, 44100, 48000, 96000, 192000]
@@ -56,14 +44,14 @@ VARIANTS = [(s, c) for s in WAV_SUBTYPES for c in (1, 2, 6) if not (s.endswith("
 
 @pytest.mark.parametrize(("subtype", "channels"), VARIANTS)
 def test_every_wav_variant_decodes_to_the_same_clip(subtype, channels, tmp_path):
-    data = tone(44100, 1.0, channels)
-    raw = encoded(data, 44100, "WAV", subtype)
+    data = tone_samples(1.0, sr=44100, channels=channels)
+    raw = audio_bytes(data, 44100, subtype)
     path = tmp_path / "x.wav"
     path.write_bytes(raw)
     from_bytes, from_path = load_clip(raw), load_clip(path)
     assert from_bytes.shape == (CFG.n_samples,) and from_bytes.dtype == np.float32
     np.testing.assert_array_equal(from_bytes, from_path)
-    reference = load_clip(encoded(data, 44100, "WAV", "FLOAT"))
+    reference = load_clip(audio_bytes(data, 44100, "FLOAT"))
     # lossy ADPCM and 8-bit are close, not equal, to the float original
     tol = 0.2 if subtype in ("IMA_ADPCM", "MS_ADPCM", "PCM_U8") else 1e-3
     head = slice(0, 20000)  # ADPCM pads its last block, so the tiled tail may differ in phase
@@ -72,7 +60,7 @@ def test_every_wav_variant_decodes_to_the_same_clip(subtype, channels, tmp_path)
 
 @pytest.mark.parametrize("rate", RATES)
 def test_every_sample_rate_is_resampled_to_22050(rate):
-    y = load_clip(encoded(tone(rate, 2.0, freq=1000), rate, "WAV", "PCM_16"))
+    y = load_clip(audio_bytes(tone_samples(2.0, 1000, rate, channels=1), rate))
     spectrum = np.abs(np.fft.rfft(y[: CFG.sample_rate]))
     peak_hz = spectrum.argmax() * CFG.sample_rate / CFG.sample_rate
     assert abs(peak_hz - 1000) < 5  # the tone lands at the same frequency after resampling
@@ -81,7 +69,7 @@ def test_every_sample_rate_is_resampled_to_22050(rate):
 @pytest.mark.parametrize(("fmt", "subtype"), [("FLAC", "PCM_16"), ("FLAC", "PCM_24"),
                                               ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
 def test_compressed_formats_decode(fmt, subtype):
-    y = load_clip(encoded(tone(22050, 1.0), 22050, fmt, subtype))
+    y = load_clip(audio_bytes(tone_samples(channels=1), 22050, subtype, fmt))
     assert y.shape == (CFG.n_samples,) and np.isfinite(y).all()
 
 
@@ -98,8 +86,8 @@ def test_original_urbansound_bytes_all_load(originals):
 
 
 def test_stereo_is_downmixed_by_averaging():
-    left, right = tone(22050, 1.0, freq=300), tone(22050, 1.0, freq=3000)
-    data, _sr = decode(encoded(np.hstack([left, right]), 22050, "WAV", "FLOAT"))
+    left, right = tone_samples(freq=300, channels=1), tone_samples(freq=3000, channels=1)
+    data, _sr = decode(audio_bytes(np.hstack([left, right]), 22050, "FLOAT"))
     assert data.shape[1] == 2
     from src.preprocessing import to_mono
 
@@ -111,13 +99,13 @@ def test_stereo_is_downmixed_by_averaging():
 
 
 def test_level_normalisation_makes_clips_gain_invariant():
-    quiet = load_clip(encoded(tone(22050) * 0.01, 22050, "WAV", "FLOAT"))
-    loud = load_clip(encoded(tone(22050) * 0.9, 22050, "WAV", "FLOAT"))
+    quiet = load_clip(audio_bytes(tone_samples(channels=1) * 0.01, 22050, "FLOAT"))
+    loud = load_clip(audio_bytes(tone_samples(channels=1) * 0.9, 22050, "FLOAT"))
     np.testing.assert_allclose(quiet, loud, rtol=1e-4, atol=1e-6)
 
 
 def test_short_clips_are_tiled_or_zero_padded():
-    short = encoded(tone(22050, 0.5), 22050, "WAV", "FLOAT")
+    short = audio_bytes(tone_samples(0.5, channels=1), 22050, "FLOAT")
     tiled = load_clip(short)
     np.testing.assert_allclose(tiled[: 11025], tiled[11025:22050], atol=1e-6)
     padded = load_clip(short, FeatureConfig(pad_mode="zero"))
@@ -154,8 +142,8 @@ def test_header_claiming_gigabytes_is_read_boundedly():
 
 
 def test_ten_minute_clip_only_decodes_what_is_needed(monkeypatch):
-    data = tone(8000, 600.0)
-    raw = encoded(data, 8000, "WAV", "PCM_16")
+    data = tone_samples(600.0, sr=8000, channels=1)
+    raw = audio_bytes(data, 8000)
     frames_read = []
     original = sf.SoundFile.read
 
@@ -170,13 +158,13 @@ def test_ten_minute_clip_only_decodes_what_is_needed(monkeypatch):
 
 @pytest.mark.parametrize(("data", "code"), [
     (np.zeros((22050, 1), np.float32), "silent"),
-    (tone(22050, 0.01), "too_short"),
-    (np.where(np.arange(22050)[:, None] == 100, np.nan, tone(22050)), "non_finite"),
-    (np.where(np.arange(22050)[:, None] == 100, np.inf, tone(22050)), "non_finite"),
+    (tone_samples(0.01, channels=1), "too_short"),
+    (np.where(np.arange(22050)[:, None] == 100, np.nan, tone_samples(channels=1)), "non_finite"),
+    (np.where(np.arange(22050)[:, None] == 100, np.inf, tone_samples(channels=1)), "non_finite"),
 ])
 def test_meaningless_audio_is_refused(data, code):
     with pytest.raises(AudioError) as err:
-        load_clip(encoded(data.astype(np.float32), 22050, "WAV", "FLOAT"))
+        load_clip(audio_bytes(data.astype(np.float32), 22050, "FLOAT"))
     assert err.value.code == code
 
 
@@ -252,8 +240,8 @@ def test_group_split_refuses_too_few_recordings():
 # ------------------------------------------------------------------ augmentation
 
 def test_waveform_augmentation_is_seeded_and_changes_the_signal():
-    x = torch.from_numpy(np.stack([load_clip(encoded(tone(22050, 1.0, freq=f), 22050, "WAV",
-                                                     "FLOAT")) for f in (300, 900)]))
+    x = torch.from_numpy(np.stack([load_clip(audio_bytes(tone_samples(freq=f), 22050, "FLOAT"))
+                                  for f in (300, 900)]))
     a = augment_waveforms(x, torch.Generator().manual_seed(1), x.flip(0))
     b = augment_waveforms(x, torch.Generator().manual_seed(1), x.flip(0))
     torch.testing.assert_close(a, b)

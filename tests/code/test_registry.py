@@ -342,7 +342,7 @@ def test_database_mirror(tmp_path, models):
 def test_models_cli(tmp_path, models, monkeypatch):
     from typer.testing import CliRunner
 
-    from src.cli_ops import models_app
+    from src.cli.ops import models_app
     from src.settings import get_settings
 
     monkeypatch.setenv("URBANSOUND_MODELS_DIR", str(models))

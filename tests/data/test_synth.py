@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from src import synth
-from src.cli_data import app
+from src.cli.data import app
 from src.datasets import read_dataset, read_manifest
 from src.preprocessing import CLASSES, FeatureConfig, LogMel, load_clip
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import sqlalchemy as sa
+from web_helpers import audio_bytes
 
 from src import db
 from src.ingest import (
@@ -63,12 +63,6 @@ def real_clips() -> list[tuple[str, Path]]:
 
 def settings_for(tmp_path: Path, url: str, **overrides) -> Settings:
     return Settings(state_dir=tmp_path / "state", database_url=url, **overrides)
-
-
-def wav(y: np.ndarray, sr: int = 22_050, subtype: str = "PCM_16") -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, y, sr, format="WAV", subtype=subtype)
-    return buf.getvalue()
 
 
 def noise(seconds: float, sr: int = 22_050, seed: int = 0) -> np.ndarray:
@@ -168,7 +162,7 @@ def test_label_override_and_name_only_uploads(db_url, tmp_path, real_clips):
                     label="Gun Shot", source="ui", settings=settings)
     assert [r.label for r in report.results] == ["gun_shot", "gun_shot"]
     with pytest.raises(IngestError, match="Unknown label"):
-        ingest([("a.wav", wav(noise(1)))], label="cats", settings=settings)
+        ingest([("a.wav", audio_bytes(noise(1)))], label="cats", settings=settings)
     with pytest.raises(IngestError, match="No files"):
         ingest([], settings=settings)
 
@@ -178,26 +172,26 @@ def test_label_override_and_name_only_uploads(db_url, tmp_path, real_clips):
 def test_every_rejection_reason(db_url, tmp_path, real_clips):
     settings = settings_for(tmp_path, db_url, max_clip_mb=1)
     _, real = real_clips[0]
-    good = wav(noise(1.0, seed=1))
+    good = audio_bytes(noise(1.0, seed=1))
     ingest([("siren/first.wav", good)], settings=settings)
 
     nan = noise(1.0, seed=2)
     nan[100:200] = np.nan
-    ten_minutes = io.BytesIO()  # 10 min at 8 kHz, FLAC of a steady tone: a few kB
-    sf.write(ten_minutes, np.full(8_000 * 600, 100, np.int16), 8_000, format="FLAC")
+    # 10 min at 8 kHz, FLAC of a steady tone: a few kB
+    ten_minutes = audio_bytes(np.full(8_000 * 600, 100, np.int16), 8_000, format="FLAC")
     cases = {
         "dog_bark/corrupt.wav": (os.urandom(4096), "undecodable"),
         "dog_bark/empty.wav": (b"", "empty"),
         "dog_bark/truncated_header.wav": (good[:20], "undecodable"),
         "dog_bark/header_only.wav": (good[:44], "empty"),
-        "dog_bark/silent.wav": (wav(np.zeros(22_050, np.float32)), "silent"),
-        "dog_bark/nan.wav": (wav(nan, subtype="FLOAT"), "non_finite"),
-        "dog_bark/ten_ms.wav": (wav(noise(0.01, seed=3)), "too_short"),
-        "dog_bark/ten_minutes.flac": (ten_minutes.getvalue(), "too_long"),
-        "dog_bark/low_rate.wav": (wav(noise(1.0, sr=4_000, seed=4), sr=4_000), "bad_rate"),
-        "dog_bark/huge.wav": (wav(noise(30.0, seed=5)), "too_large"),  # 1.3 MB > 1 MiB
-        "cats/meow.wav": (wav(noise(1.0, seed=6)), "unknown_label"),
-        "no_folder.wav": (wav(noise(1.0, seed=7)), "unknown_label"),
+        "dog_bark/silent.wav": (audio_bytes(np.zeros(22_050, np.float32)), "silent"),
+        "dog_bark/nan.wav": (audio_bytes(nan, subtype="FLOAT"), "non_finite"),
+        "dog_bark/ten_ms.wav": (audio_bytes(noise(0.01, seed=3)), "too_short"),
+        "dog_bark/ten_minutes.flac": (ten_minutes, "too_long"),
+        "dog_bark/low_rate.wav": (audio_bytes(noise(1.0, sr=4_000, seed=4), 4_000), "bad_rate"),
+        "dog_bark/huge.wav": (audio_bytes(noise(30.0, seed=5)), "too_large"),  # 1.3 MB > 1 MiB
+        "cats/meow.wav": (audio_bytes(noise(1.0, seed=6)), "unknown_label"),
+        "no_folder.wav": (audio_bytes(noise(1.0, seed=7)), "unknown_label"),
         "dog_bark/notes.txt": (b"hello", "not_audio"),
         "dog_bark/again.wav": (good, "duplicate"),  # same bytes as the earlier upload
         "dog_bark/batch_a.flac": (real.read_bytes(), ""),
@@ -296,7 +290,7 @@ def test_zip_from_a_path_and_a_file_object(sqlite_migrated, tmp_path, real_clips
 
 def test_path_traversal_and_absolute_names_are_refused(sqlite_migrated, tmp_path):
     settings = settings_for(tmp_path, sqlite_migrated)
-    good = wav(noise(1.0, seed=11))
+    good = audio_bytes(noise(1.0, seed=11))
     archive = make_zip({
         "../../evil/dog_bark/a.wav": good,
         "/etc/dog_bark/b.wav": good,
@@ -322,7 +316,7 @@ def test_symlink_members_are_refused(sqlite_migrated, tmp_path):
         link.create_system = 3
         link.external_attr = (0o120777 << 16)
         zf.writestr(link, "/etc/passwd")
-        zf.writestr("dog_bark/real.wav", wav(noise(1.0, seed=12)))
+        zf.writestr("dog_bark/real.wav", audio_bytes(noise(1.0, seed=12)))
     report = ingest([("links.zip", buf.getvalue())], settings=settings)
     codes = {r.name.rsplit("/", 1)[-1]: r.code for r in report.results}
     assert codes == {"link.wav": "unsafe_path", "real.wav": ""}
@@ -330,7 +324,7 @@ def test_symlink_members_are_refused(sqlite_migrated, tmp_path):
 
 def test_nested_archives_are_refused(sqlite_migrated, tmp_path):
     settings = settings_for(tmp_path, sqlite_migrated)
-    inner = make_zip({"dog_bark/a.wav": wav(noise(1.0, seed=13))})
+    inner = make_zip({"dog_bark/a.wav": audio_bytes(noise(1.0, seed=13))})
     archive = make_zip({
         "dog_bark/inner.zip": inner,
         "dog_bark/inner.tar.gz": b"\x1f\x8b\x08\x00" + os.urandom(32),
@@ -344,7 +338,8 @@ def test_nested_archives_are_refused(sqlite_migrated, tmp_path):
 
 def test_too_many_members(sqlite_migrated, tmp_path):
     settings = settings_for(tmp_path, sqlite_migrated, max_archive_members=3)
-    archive = make_zip({f"dog_bark/{i}.wav": wav(noise(0.5, seed=20 + i)) for i in range(4)})
+    archive = make_zip({f"dog_bark/{i}.wav": audio_bytes(noise(0.5, seed=20 + i))
+                        for i in range(4)})
     report = ingest([("many.zip", archive)], settings=settings)
     [result] = report.results
     assert result.code == "too_many_files" and "3 files" in result.message
@@ -353,15 +348,15 @@ def test_too_many_members(sqlite_migrated, tmp_path):
 
 def test_corrupt_zip_is_a_clear_error(sqlite_migrated, tmp_path):
     settings = settings_for(tmp_path, sqlite_migrated)
-    valid = make_zip({"dog_bark/a.wav": wav(noise(1.0, seed=30))})
+    valid = make_zip({"dog_bark/a.wav": audio_bytes(noise(1.0, seed=30))})
     report = ingest([("random.zip", os.urandom(2048)), ("cut.zip", valid[: len(valid) // 2]),
                      ("empty.zip", make_zip({}))], settings=settings)
     codes = {r.name: r.code for r in report.results}
     assert codes == {"random.zip": "bad_archive", "cut.zip": "bad_archive", "empty.zip": "empty"}
     assert "zip" in report.results[0].message
     # a member whose compressed bytes are damaged (CRC/deflate error) is refused on its own
-    damaged = bytearray(make_zip({"dog_bark/a.wav": wav(noise(1.0, seed=31)),
-                                  "dog_bark/b.wav": wav(noise(1.0, seed=32))}))
+    damaged = bytearray(make_zip({"dog_bark/a.wav": audio_bytes(noise(1.0, seed=31)),
+                                  "dog_bark/b.wav": audio_bytes(noise(1.0, seed=32))}))
     first_data = 30 + len("dog_bark/a.wav")
     damaged[first_data + 100 : first_data + 200] = bytes(range(100))
     report = ingest([("damaged.zip", bytes(damaged))], settings=settings)
@@ -422,9 +417,10 @@ def test_archive_decompressed_total_is_capped(sqlite_migrated, tmp_path):
     """Many members each under the per-clip cap still stop at the per-archive cap, and the
     members accepted before the cap was hit are discarded with the archive."""
     settings = settings_for(tmp_path, sqlite_migrated, max_archive_bytes_mb=1)
-    members = {f"dog_bark/{i}.wav": wav(noise(10.0, seed=40 + i)) for i in range(3)}  # 441 kB
+    members = {f"dog_bark/{i}.wav": audio_bytes(noise(10.0, seed=40 + i))  # 441 kB
+               for i in range(3)}
     report = ingest([("big.zip", make_zip(members)),
-                     ("siren/ok.wav", wav(noise(1.0, seed=50)))], settings=settings)
+                     ("siren/ok.wav", audio_bytes(noise(1.0, seed=50)))], settings=settings)
     codes = {r.name: r.code for r in report.results}
     assert codes == {"big.zip": "archive_too_large", "siren/ok.wav": ""}
     assert len(stored_files(settings)) == 1
@@ -532,7 +528,7 @@ def test_cli_upload(sqlite_migrated, tmp_path, real_clips, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from src.cli_ops import upload
+    from src.cli.ops import upload
     from src.settings import get_settings
 
     monkeypatch.setenv("URBANSOUND_STATE_DIR", str(tmp_path / "state"))
@@ -545,7 +541,7 @@ def test_cli_upload(sqlite_migrated, tmp_path, real_clips, monkeypatch):
         (folder / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, folder / label / path.name)
     (folder / "cats").mkdir()
-    (folder / "cats" / "meow.wav").write_bytes(wav(noise(1.0, seed=60)))
+    (folder / "cats" / "meow.wav").write_bytes(audio_bytes(noise(1.0, seed=60)))
     (folder / ".git").mkdir()
     (folder / ".git" / "config").write_text("hidden folders are not walked")
     runner = CliRunner()

@@ -96,7 +96,7 @@ def test_concurrent_upgrades_take_turns(empty_db_url: str) -> None:
 def test_cli_db_upgrade(empty_db_url: str) -> None:
     from typer.testing import CliRunner
 
-    from src.cli_ops import db_app
+    from src.cli.ops import db_app
 
     runner = CliRunner()
     result = runner.invoke(db_app, ["upgrade", "--url", empty_db_url])
@@ -116,7 +116,7 @@ def test_unreachable_database_is_one_clear_error(closed_port_url: str) -> None:
 
     from typer.testing import CliRunner
 
-    from src.cli_ops import db_app
+    from src.cli.ops import db_app
 
     result = CliRunner().invoke(db_app, ["upgrade", "--url", closed_port_url])
     assert result.exit_code == 1

@@ -41,6 +41,15 @@ clean = cw.clean
 WAIT_S = 240  # a retrain here takes seconds; this only bounds a broken run
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _queue_through_celery():
+    """What the web app and ``urbansound retrain`` do as they start: connect ``src.jobs`` to
+    the broker (the core never imports Celery itself)."""
+    from web.celery_app import install
+
+    install()
+
+
 def upload(stack: cw.Stack, rows: list[dict], label: str | None = None) -> int:
     report = ingest(cw.upload_items(rows, label), source="cli", client="test",
                     settings=stack.settings())
@@ -66,7 +75,7 @@ def versions_of_job(stack: cw.Stack, job_id: str) -> list[str]:
 
 
 def celery_result(job_id: str):
-    from worker.celery_app import standalone_app
+    from web.celery_app import standalone_app
 
     return standalone_app().AsyncResult(job_id)
 
@@ -110,7 +119,7 @@ def test_uploads_retrain_promote_and_file_pointer_row_agree(clean, worker):
 
     # idempotent by job id: a redelivered message for a finished job changes nothing
     before = served_state(clean)
-    from worker.celery_app import send_retrain
+    from web.celery_app import send_retrain
 
     offset = worker.log.stat().st_size
     send_retrain(job["id"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from web_helpers import audio_bytes
 
 from src.datasets import read_us8k
 from src.prediction import Predictor
@@ -35,24 +36,15 @@ def raw(predictor: Predictor, clip) -> np.ndarray:
     return resample(to_mono(data), sr, predictor.config.sample_rate)
 
 
-def wav_bytes(y: np.ndarray, sr: int) -> bytes:
-    import io
-
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, y, sr, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("gain_db", [-6.0, 6.0])
 def test_invariant_to_gain(predictor, fold3, gain_db):
     sr = predictor.config.sample_rate
     same = 0
     for clip in fold3[:40]:
         y = raw(predictor, clip)
-        base = predictor.predict(wav_bytes(y, sr))
-        louder = predictor.predict(wav_bytes(np.clip(y * 10 ** (gain_db / 20), -1, 1), sr))
+        base = predictor.predict(audio_bytes(y, sr, "FLOAT"))
+        gained = np.clip(y * 10 ** (gain_db / 20), -1, 1)
+        louder = predictor.predict(audio_bytes(gained, sr, "FLOAT"))
         same += base.label == louder.label
     assert same / 40 >= 0.95
 
@@ -63,8 +55,9 @@ def test_invariant_to_a_small_time_shift(predictor, fold3):
     for clip in fold3[:40]:
         y = raw(predictor, clip)
         shift = int(0.1 * sr)  # 100 ms of leading silence-free offset
-        base = predictor.predict(wav_bytes(y, sr))
-        shifted = predictor.predict(wav_bytes(y[shift:], sr)) if y.size > 2 * shift else base
+        base = predictor.predict(audio_bytes(y, sr, "FLOAT"))
+        shifted = (predictor.predict(audio_bytes(y[shift:], sr, "FLOAT"))
+                   if y.size > 2 * shift else base)
         same += base.label == shifted.label
     assert same / 40 >= 0.85
 
@@ -79,9 +72,10 @@ def test_directional_mixing_in_a_siren_raises_siren(predictor, us8k):
     for background, siren in zip(idles, sirens, strict=True):
         bg = np.resize(raw(predictor, background), n)
         s = np.resize(raw(predictor, siren), n)
-        before = predictor.probabilities(predictor.load(wav_bytes(bg, sr)))[0, siren_id]
+        before = predictor.probabilities(predictor.load(audio_bytes(bg, sr, "FLOAT")))[0, siren_id]
         mixed = bg / (np.abs(bg).max() + 1e-9) + s / (np.abs(s).max() + 1e-9)
-        after = predictor.probabilities(predictor.load(wav_bytes(mixed / 2, sr)))[0, siren_id]
+        after = predictor.probabilities(
+            predictor.load(audio_bytes(mixed / 2, sr, "FLOAT")))[0, siren_id]
         rises += after > before
     assert rises == len(sirens)
 

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_common import UserError, friendly_errors, print_json
+from .common import UserError, friendly_errors, print_json
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def db_upgrade(
     url: UrlOption = None,
 ) -> None:
     """Create or update the tables (safe to repeat: does nothing when up to date)."""
-    from . import db
+    from .. import db
 
     _quiet_alembic()
     db.upgrade(url, revision)
@@ -52,7 +52,7 @@ def db_downgrade(
     url: UrlOption = None,
 ) -> None:
     """Undo migrations down to REVISION."""
-    from . import db
+    from .. import db
 
     _quiet_alembic()
     db.downgrade(url, revision)
@@ -63,14 +63,14 @@ def db_downgrade(
 @friendly_errors
 def db_current(url: UrlOption = None) -> None:
     """Print the schema revision of the database."""
-    from . import db
+    from .. import db
 
     typer.echo(db.current_revision(url) or "base (no tables)")
 
 
 def _session_or_none(url: str | None = None):
     """The registry works without a database; its mirror is best effort from the CLI."""
-    from . import db
+    from .. import db
 
     try:
         db.check_connection(url)
@@ -86,7 +86,7 @@ def models_list(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Model versions, newest first; the served one is marked with '*'."""
-    from . import registry
+    from .. import registry
 
     versions = registry.list_versions()
     if json_output:
@@ -112,24 +112,26 @@ def models_list(
 
 @models_app.command("activate")
 @friendly_errors
-def models_activate(version: Annotated[str, typer.Argument(help="The version to serve.")]) -> None:
+def models_activate(
+    version: Annotated[str, typer.Argument(help="The version to serve.")],
+    force: Annotated[bool, typer.Option("--force", help="Serve it even if the quality gate "
+                                        "rejected it.")] = False,
+) -> None:
     """Serve VERSION (atomic pointer swap; web processes pick it up within a second)."""
-    from . import registry
+    from .. import registry
+    from ..settings import get_settings
 
-    scope = _session_or_none()
-    if scope is None:
-        registry.activate(version)
-    else:
-        with scope as session:
-            registry.activate(version, session=session)
-    typer.echo(f"serving {version}")
+    settings = get_settings()
+    result = registry.serve(version, force=force, models_dir=settings.models_dir,
+                            db_url=settings.db_url)
+    typer.echo(f"serving {version} (was {result['previous'] or 'nothing'})")
 
 
 @models_app.command("rollback")
 @friendly_errors
 def models_rollback() -> None:
     """Serve the version the current one replaced (its parent)."""
-    from . import registry
+    from .. import registry
 
     scope = _session_or_none()
     if scope is None:
@@ -170,7 +172,7 @@ def upload(
 
     Exit status: 0 when every file was accepted, 2 when some were rejected, 1 when none was
     accepted (or on an error)."""
-    from .ingest import ingest
+    from ..ingest import ingest
 
     files = _expand(paths)
     if not files:

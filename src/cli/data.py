@@ -1,6 +1,6 @@
 """``urbansound data ...``: getting labelled audio onto disk and looking at it.
 
-Kept apart from ``cli.py`` so the data commands (download, import, synth, stats, and the
+Kept apart from ``cli/__init__.py`` so the data commands (download, import, synth, stats, and the
 ``upload`` command registered onto ``app`` elsewhere) can grow without touching the rest.
 Heavy modules are imported inside the commands: ``--help`` must stay instant.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import friendly_errors, print_json
-from .settings import get_settings
+from ..settings import get_settings
+from .common import friendly_errors, print_json
 
 app = typer.Typer(
     help="Get data: download or import UrbanSound8K, write the synthetic demo set, inspect it.",
@@ -37,7 +37,7 @@ def download(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Download the UrbanSound8K archive (resumable, checksum-verified), then import it."""
-    from . import download as dl
+    from .. import download as dl
 
     settings = get_settings()
     url = url or dl.US8K_URL
@@ -72,7 +72,7 @@ def import_(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Import an existing UrbanSound8K copy into the class-per-folder layout, folds kept."""
-    from .download import import_us8k
+    from ..download import import_us8k
 
     target = data or get_settings().data_dir
     _report_import(import_us8k(src, target, set(test_fold), progress=not quiet, link=link,
@@ -98,7 +98,7 @@ def synth(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write the SYNTHETIC demo set (procedural sounds, not UrbanSound8K) for offline use."""
-    from .synth import generate
+    from ..synth import generate
 
     target = out or get_settings().data_dir
     s = generate(target, per_class=per_class, test_per_class=test_per_class, seed=seed,
@@ -109,9 +109,13 @@ def synth(
 
 def _audio_stats(clips: list) -> dict:
     """Durations and formats from headers only: a full data set is probed in seconds."""
-    from .preprocessing import AudioError, probe
+    from ..preprocessing import AudioError, probe
 
-    durations, rates, channels, subtypes, unreadable = [], Counter(), Counter(), Counter(), []
+    durations: list[float] = []
+    unreadable: list[str] = []
+    rates: Counter[int] = Counter()
+    channels: Counter[int] = Counter()
+    subtypes: Counter[str] = Counter()
     for clip in clips:
         try:
             info = probe(clip.path)
@@ -157,7 +161,7 @@ def stats(
     json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Clips per class, split, fold and source; durations, sample rates and formats."""
-    from .datasets import read_dataset, summarise
+    from ..datasets import read_dataset, summarise
 
     root = data or get_settings().data_dir
     clips = read_dataset(root)

@@ -1,13 +1,16 @@
-"""The Celery app, wired the way Flask documents it (``celery_init_app``), plus a standalone one.
+"""The app's side of Celery, wired the way Flask documents it (``celery_init_app``).
 
-Flask's pattern: ``create_app()`` calls ``celery_init_app(app)``, which builds a Celery app whose
-tasks run inside ``app.app_context()``, configured from ``app.config["CELERY"]`` (the dict
-``celery_config(settings)`` returns) and stored in ``app.extensions["celery"]``. The worker
-command loads it through ``worker.make_celery`` (``celery -A worker.make_celery worker``).
+Flask's pattern (its ``examples/celery``): the app factory calls ``celery_init_app(app)``, which
+builds a Celery app whose tasks run inside ``app.app_context()``, configured from
+``app.config["CELERY"]`` (the dict ``celery_config(settings)`` returns) and stored in
+``app.extensions["celery"]``; the worker's entry point builds the Flask app and takes that Celery
+app (``worker/make_celery.py``: ``celery -A worker.make_celery worker``). So the dependency runs
+one way, worker → web, as in Flask's example, and the web package never imports the worker.
 
-Processes that only *send* jobs and have no Flask app (the ``urbansound retrain`` command, tests,
-benchmarks) use ``standalone_app()``: the same configuration without Flask. Sending uses the
-task's name (``send_task``), so a sender never imports the training code.
+Queuing a job needs no task code: ``send_retrain`` sends by task name. ``install()`` hands the
+sender and the broker check to ``src.jobs`` when a process starts (the app factory, the
+``urbansound retrain`` command), so the core never imports Celery. ``standalone_app()`` is the
+same configuration without Flask, for processes that only read task results (tests, scripts).
 
 Why each setting (the retrain task is long, rare and must never run twice at once):
 
@@ -125,25 +128,13 @@ def standalone_app(settings: Settings | None = None) -> Celery:
         return _standalone[key]
 
 
-def _sending_config(settings: Settings | None) -> dict[str, Any]:
-    """The running Flask app's Celery config inside a request or app context, else the
-    settings'. Never a remembered global: a process that built an app earlier (tests, scripts)
-    must not keep sending to that app's broker after the settings changed."""
-    if settings is None:
-        from flask import current_app, has_app_context
-
-        if has_app_context() and "CELERY" in current_app.config:
-            return dict(current_app.config["CELERY"])
-    return celery_config(settings)
-
-
 def sender_app(settings: Settings | None = None) -> Celery:
     """The app used to queue jobs: the web app's configuration (or the settings') *without* a
     result backend. Senders never wait on Celery results (progress and outcome live in the
     database), and the Redis result backend subscribes on every send: with Redis down that
     fails with a misleading "restart the application" error and can leave the web process's
     result consumer broken. The worker still stores results (Flower, ``AsyncResult``)."""
-    config = _sending_config(settings)
+    config = celery_config(settings)
     config.pop("result_backend", None)
     key = (str(config["broker_url"]), repr(sorted(config.items(), key=lambda kv: kv[0])))
     with _lock:
@@ -169,6 +160,15 @@ def ping_broker(settings: Settings | None = None) -> None:
     conf = sender_app(settings).conf
     with sender_app(settings).connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=conf.broker_connection_timeout)
+
+
+def install() -> None:
+    """Give ``src.jobs`` this process's way to queue a job and to probe the broker; both read
+    the settings when called, so a process whose settings change never sends to a stale
+    broker."""
+    from src import jobs
+
+    jobs.install(send_retrain, ping_broker)
 
 
 def safe_url(url: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from .errors import UserError
+from ..errors import UserError, one_line
 
 __all__ = ["UserError", "fail", "friendly_errors", "print_json"]
 
@@ -88,8 +88,7 @@ def friendly_errors(fn: F) -> F:
         except Exception as exc:  # the whole point is to catch everything
             if os.environ.get("URBANSOUND_DEBUG"):
                 raise
-            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            fail(" ".join(str(message).split()))
+            fail(one_line(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -99,3 +98,12 @@ def print_json(obj: Any) -> None:
     and a closed pipe is noticed at the next line, not a buffer (many lines) later."""
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+def connect_broker() -> None:
+    """Give ``src.jobs`` the Celery adapter's sender and broker probe: the commands that queue
+    a job or check the broker (``retrain``, ``stack up``) call this first, as the web app does
+    at start-up; the rest of ``src`` never imports the adapter."""
+    from web.celery_app import install
+
+    install()

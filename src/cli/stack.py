@@ -12,7 +12,7 @@ import time
 
 import typer
 
-from .cli_common import fail, friendly_errors, print_json
+from .common import connect_broker, fail, friendly_errors, print_json
 
 app = typer.Typer(help="The production topology without Docker: nginx in front of N web "
                   "replicas, a Celery worker and Flower (state under URBANSOUND_STATE_DIR/stack).",
@@ -46,12 +46,13 @@ def up(
 ) -> None:
     """Migrate the database, start the replicas, nginx, the worker and Flower; wait until
     all of them answer their health checks."""
-    from . import stack
+    from .. import stack
 
     cfg = stack.StackConfig(replicas=replicas, port=port, base_port=base_port, workers=workers,
                             threads=threads, worker=not no_worker, flower=not no_flower,
                             flower_port=flower_port, timeout_s=timeout,
                             worker_nice=worker_nice)
+    connect_broker()
     try:
         state = stack.up(cfg, say=typer.echo)
     except stack.StackError as exc:
@@ -84,7 +85,7 @@ def _wait_for_signal() -> None:
 def down(timeout: float = typer.Option(20, min=0, help="Seconds each part may take to stop "
                                        "gracefully before SIGKILL.")) -> None:
     """Stop every process `stack up` started (graceful first, then SIGKILL)."""
-    from . import stack
+    from .. import stack
 
     try:
         stack.down(grace_s=timeout, say=typer.echo)
@@ -97,7 +98,7 @@ def down(timeout: float = typer.Option(20, min=0, help="Seconds each part may ta
 def status(json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Which parts run and whether they answer. Exit 0 when all are healthy, 1 when some
     part is down or unhealthy, 3 when the stack is not running."""
-    from . import stack
+    from .. import stack
 
     info = stack.status()
     if json:

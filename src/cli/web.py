@@ -17,10 +17,10 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import fail, friendly_errors
-from .settings import get_settings
+from ..settings import get_settings
+from .common import fail, friendly_errors
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 15.0
 
 
@@ -31,9 +31,8 @@ def register(app: typer.Typer) -> None:
 
 
 def gunicorn_config() -> Path:
-    """The deployment's config when it exists, else the app's own defaults."""
-    deployed = ROOT / "deploy" / "gunicorn.conf.py"
-    return deployed if deployed.is_file() else ROOT / "web" / "gunicorn_conf.py"
+    """The one gunicorn config (it sizes torch threads per worker in ``post_fork``)."""
+    return ROOT / "deploy" / "gunicorn.conf.py"
 
 
 def serve_environment(port: int, workers: int) -> dict[str, str]:
@@ -45,11 +44,8 @@ def serve_environment(port: int, workers: int) -> dict[str, str]:
     env.setdefault("PROMETHEUS_MULTIPROC_DIR",
                    str((settings.state_dir / "prometheus" / f"web-{port}").resolve()))
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
-    # deploy/gunicorn.conf.py sizes torch threads per worker in post_fork from the real worker
-    # count; only the app's fallback config needs the hint here.
-    fallback = gunicorn_config() == ROOT / "web" / "gunicorn_conf.py"
-    if fallback and not settings.torch_threads and not env.get("URBANSOUND_TORCH_THREADS"):
-        env["URBANSOUND_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    # Torch threads per worker are not set here: the gunicorn config's post_fork sizes them
+    # from the real worker count (src/cpu.py).
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -111,7 +107,7 @@ def fold_ranges(folds: list[int]) -> str:
 def describe_data(data_dir: Path) -> str:
     """One phrase for what sits in the data folder: how many clips, which layout, synthetic
     or not, or "none" and the commands that fill it."""
-    from .datasets import DatasetError, is_us8k, read_dataset, summarise
+    from ..datasets import DatasetError, is_us8k, read_dataset, summarise
 
     try:
         clips = read_dataset(data_dir)
@@ -135,7 +131,7 @@ def describe_data(data_dir: Path) -> str:
 
 def startup_report(settings=None) -> list[str]:
     """What ``urbansound up`` found, one line each: model, data set, database, broker."""
-    from . import db, registry
+    from .. import db, registry
 
     settings = settings or get_settings()
     try:
@@ -156,7 +152,7 @@ def startup_report(settings=None) -> list[str]:
 
 def _prepare() -> None:
     """Say what was found, then migrate the database, before starting anything."""
-    from . import db
+    from .. import db
 
     settings = get_settings()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +195,7 @@ def up(
     if not no_worker:
         commands["worker"] = [sys.executable, "-m", "src.cli", "worker"]
     procs: dict[str, subprocess.Popen] = {}
-    stopping = {"signal": None}
+    stopping: dict[str, int | None] = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
         if stopping["signal"] is not None:  # a second Ctrl-C: no more patience

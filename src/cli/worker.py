@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from .cli_common import fail, friendly_errors, print_json
+from .common import connect_broker, fail, friendly_errors, print_json
 
 CELERY_APP = "worker.make_celery"
 
@@ -59,8 +59,9 @@ def retrain(
                                   "seconds (0 = no limit); the job goes on."),
 ) -> None:
     """Queue a retrain on the accepted, not yet used uploads (or show the one in progress)."""
-    from . import jobs
+    from .. import jobs
 
+    connect_broker()
     job, created = jobs.request_retrain(f"cli:{_user()}", {"epochs": epochs, "lr": lr})
     say = _stderr if json else typer.echo
     say(f"{'queued' if created else 'already ' + job['status']}: job {job['id']}")

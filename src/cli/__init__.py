@@ -2,30 +2,35 @@
 
 Heavy imports (torch, Flask, Celery) happen inside commands so ``--help`` stays instant and
 each command only pays for what it uses. Every command reports errors as one line on stderr
-with a non-zero exit (``cli_common.friendly_errors``).
+with a non-zero exit (``common.friendly_errors``).
+
+One module per command group: ``data`` (download, import, synth, stats), ``ops`` (db, models,
+data upload), and the commands that start or talk to services, ``worker`` (worker, retrain),
+``web`` (serve, up) and ``stack`` (stack up/down/status), which import Flask/Celery only inside
+their commands, so the rest of the CLI stays fast. ``python -m src.cli`` runs it too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import typer
 
-from . import cli_data, cli_ops, cli_services
-from .cli_common import friendly_errors, print_json
-from .settings import get_settings
+from ..settings import get_settings
+from . import data, ops, stack, web, worker
+from .common import friendly_errors, print_json
 
 app = typer.Typer(
     help="urbansound: classify urban sounds, serve the model, keep it fresh.",
     no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
 )
-cli_data.app.command("upload")(cli_ops.upload)
-app.add_typer(cli_data.app, name="data")
-app.add_typer(cli_ops.db_app, name="db")
-app.add_typer(cli_ops.models_app, name="models")
-cli_services.register(app)
+data.app.command("upload")(ops.upload)
+app.add_typer(data.app, name="data")
+app.add_typer(ops.db_app, name="db")
+app.add_typer(ops.models_app, name="models")
+for _services in (worker, web, stack):
+    _services.register(app)
 
 
 @app.command()
@@ -49,9 +54,9 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model from scratch, evaluate it on the held-out test clips and register it."""
-    from . import registry
-    from .model import TrainConfig, load_checkpoint, save_checkpoint
-    from .train import train as run_training
+    from .. import registry
+    from ..model import TrainConfig, load_checkpoint, save_checkpoint
+    from ..train import train as run_training
 
     settings = get_settings()
     data = data or ensure_default_data()
@@ -76,7 +81,7 @@ def train(
 
 
 def write_reports(metrics: dict, version: str) -> Path:
-    from .evaluation import plot_confusion_matrix, write_report
+    from ..evaluation import plot_confusion_matrix, write_report
 
     out = get_settings().state_dir / "reports" / version
     write_report(metrics, out / "metrics.json")
@@ -86,13 +91,13 @@ def write_reports(metrics: dict, version: str) -> Path:
 
 def ensure_default_data() -> Path:
     """The embedded default trains on the synthetic set when no data folder exists yet."""
-    from .datasets import AUDIO_EXTENSIONS
+    from ..datasets import AUDIO_EXTENSIONS
 
     data = get_settings().data_dir
     has_audio = data.is_dir() and any(p.suffix.lower() in AUDIO_EXTENSIONS
                                       for p in data.rglob("*"))
     if not has_audio:
-        from . import synth
+        from .. import synth
 
         typer.echo(f"{data} has no audio: writing the SYNTHETIC demo set there (not UrbanSound8K)")
         synth.generate(data)
@@ -101,7 +106,7 @@ def ensure_default_data() -> Path:
 
 def resolve_model(model: Path | str | None) -> Path:
     """A checkpoint file, a registered version's name, or (None) the served version."""
-    from . import registry
+    from .. import registry
 
     models_dir = get_settings().models_dir
     if not model:
@@ -126,11 +131,11 @@ def evaluate(
     """Accuracy, loss, precision, recall, F1 and confusion matrix of a model on labelled clips."""
     import numpy as np
 
-    from .datasets import read_dataset
-    from .evaluation import plot_confusion_matrix, write_report
-    from .model import evaluate_model
-    from .prediction import Predictor
-    from .train import Split, set_threads
+    from ..datasets import read_dataset
+    from ..evaluation import plot_confusion_matrix, write_report
+    from ..model import evaluate_model
+    from ..prediction import Predictor
+    from ..train import Split, set_threads
 
     set_threads()
     predictor = Predictor(resolve_model(model), optimise=False)
@@ -163,8 +168,8 @@ def predict(
     top_k: int = typer.Option(3, min=1, max=10),
 ) -> None:
     """Label each clip. Bad files are reported on stderr; the exit code says if any failed."""
-    from .prediction import Predictor
-    from .preprocessing import AudioError
+    from ..prediction import Predictor
+    from ..preprocessing import AudioError
 
     predictor = Predictor(resolve_model(model))
     failed = 0
@@ -187,6 +192,3 @@ def predict(
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="urbansound")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
