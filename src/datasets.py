@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 from .preprocessing import CLASSES, normalise_label
@@ -132,7 +133,28 @@ def read_dataset(root: str | Path, folds: set[int] | None = None) -> list[Clip]:
     return clips
 
 
-def summarise(clips: list[Clip]) -> dict:
+def named_test_split(root: str | Path, test_folds: set[int] | None
+                     ) -> tuple[str, list[Clip], list[Clip], str] | None:
+    """``(kind, train, test, description)`` when the data itself names a test set: the clips of
+    ``test_folds`` (kind ``folds``; training on the other folds), else a ``test/`` folder (kind
+    ``folder``; training on ``train/``); None when it names none. Training from scratch and
+    retraining both start here, so they agree on what "the test set" of a data folder is."""
+    root = Path(root)
+    if test_folds:
+        clips = read_dataset(root)
+        test = [c for c in clips if c.fold in test_folds]
+        if test:
+            return ("folds", [c for c in clips if c.fold not in test_folds], test,
+                    f"fold(s) {sorted(test_folds)} of {root}")
+    test_dir, train_dir = root / "test", root / "train"
+    test = read_class_folders(test_dir) if test_dir.is_dir() else []
+    if test:
+        return ("folder", read_class_folders(train_dir) if train_dir.is_dir() else [], test,
+                str(test_dir))
+    return None
+
+
+def summarise(clips: list[Clip]) -> dict[str, Any]:
     """Stored in checkpoints ("the data it saw") and printed by ``urbansound data stats``."""
     return {
         "n": len(clips),

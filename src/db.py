@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -44,6 +44,9 @@ from sqlalchemy.orm import (
 )
 
 from .errors import Unavailable
+
+if TYPE_CHECKING:  # alembic is imported only when migrating
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class UTCDateTime(sa.types.TypeDecorator):
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Aware UTC datetimes in and out. SQLite drops the zone on the way back; without this,
     comparing a Postgres-loaded and a SQLite-loaded timestamp would raise in one set-up only."""
 
@@ -431,7 +434,7 @@ def check_connection(url: str | None = None) -> None:
 
 # --------------------------------------------------------------------------- migrations
 
-def _alembic_config(url: str | None):
+def _alembic_config(url: str | None) -> Config:
     from alembic.config import Config
 
     from .settings import get_settings

@@ -18,6 +18,7 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import requests
@@ -388,7 +389,7 @@ def _merge_manifest(root: Path, new: list[Clip], gone: set[Path]) -> None:
 
 def import_us8k(src_dir: Path, data_dir: Path, test_folds: Iterable[int] = frozenset({10}),
                 progress: bool = True, link: bool = True, folds: Iterable[int] | None = None
-                ) -> dict:
+                ) -> dict[str, Any]:
     """Copy an UrbanSound8K tree into ``data_dir/{train,test}/<class>/``, folds preserved.
 
     Clips of ``test_folds`` go to ``test/``, the rest to ``train/``; ``folds`` limits the

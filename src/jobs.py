@@ -116,15 +116,16 @@ def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
             raise JobParamsError(
                 f"Unknown retrain parameter {key!r}; allowed: {', '.join(PARAM_LIMITS)}.")
         kind, low, high = PARAM_LIMITS[key]
+        wanted = (f"Retrain parameter {key} must be {'a whole' if kind is int else 'a'} number "
+                  f"from {low:g} to {high:g}, not {value!r}.")
         try:
             number = kind(value)
             if isinstance(value, bool) or (kind is int and number != float(value)):
                 raise ValueError
         except (TypeError, ValueError):
-            raise JobParamsError(f"Retrain parameter {key} must be a number, not {value!r}.") \
-                from None
+            raise JobParamsError(wanted) from None
         if not low <= number <= high:
-            raise JobParamsError(f"Retrain parameter {key}={number} is outside {low}..{high}.")
+            raise JobParamsError(wanted)
         clean[key] = number
     return clean
 

@@ -6,10 +6,12 @@ checkpoint's ``data`` and ``metrics``; only the framing sentences are fixed text
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def top_confusions(metrics: dict, k: int = 5) -> list[tuple[str, str, int, float]]:
+def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, int, float]]:
     """(true, predicted, count, share of the true class) for the largest off-diagonal cells."""
     cm = np.asarray(metrics["confusion_matrix"])
     classes = metrics["classes"]
@@ -20,13 +22,13 @@ def top_confusions(metrics: dict, k: int = 5) -> list[tuple[str, str, int, float
             for n, i, j in off[:k]]
 
 
-def _distillation(data: dict) -> str:
+def _distillation(data: dict[str, Any]) -> str:
     cfg = data.get("train_config", {})
     return (f"{cfg.get('distill_weight', '?')} of the loss is their averaged soft targets at "
             f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
 
 
-def render(ckpt: dict, reproduce: str = "", notes: list[str] | None = None) -> str:
+def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = None) -> str:
     """``notes``: further limits known to whoever trained the model (one bullet each)."""
     m, data = ckpt["metrics"], ckpt.get("data", {})
     cfg, arch = ckpt["feature_config"], ckpt["arch"]

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -74,11 +74,11 @@ class FeatureConfig:
     def n_frames(self) -> int:
         return self.n_samples // self.hop_length + 1
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> FeatureConfig:
+    def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -157,7 +157,8 @@ def to_mono(data: np.ndarray) -> np.ndarray:
 def resample(y: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
     if sr_in == sr_out:
         return y
-    return soxr.resample(y, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+    out: np.ndarray = soxr.resample(y, sr_in, sr_out, quality="HQ")  # soxr is untyped
+    return out.astype(np.float32, copy=False)
 
 
 def check_samples(y: np.ndarray, sr: int, min_seconds: float = 0.05) -> None:

@@ -33,10 +33,13 @@ import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .files import file_sha256, fsync_dir, replace_atomically, tmp_name
+
+if TYPE_CHECKING:  # the database is imported only where it is used
+    from .db import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +197,7 @@ def _has_tensor(value: Any) -> bool:
 def read_pointer(models_dir: Path | None = None) -> dict[str, Any] | None:
     """The pointer as written, or None if missing or unreadable (the caller decides)."""
     try:
-        data = json.loads((_dir(models_dir) / POINTER).read_text())
+        data: dict[str, Any] = json.loads((_dir(models_dir) / POINTER).read_text())
         check_version_name(data["version"])
         return data
     except (OSError, ValueError, KeyError, TypeError, RegistryError):
@@ -237,7 +240,8 @@ def _rejection(models_dir: Path, version: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        rejection: dict[str, Any] = json.loads(path.read_text())
+        return rejection
     except (OSError, ValueError):
         return {"reason": "rejected"}
 
@@ -311,10 +315,11 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _ensure_row(session: Any, version: str, models_dir: Path, status: str | None = None):
+def _ensure_row(session: Any, version: str, models_dir: Path, status: str | None = None
+                ) -> ModelVersion:
     from .db import ModelVersion, VersionStatus
 
-    row = session.get(ModelVersion, version)
+    row: ModelVersion | None = session.get(ModelVersion, version)
     if row is None:
         path = version_path(version, models_dir)
         meta = version_metadata(version, models_dir)

@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .datasets import Clip, DatasetError, group_of, read_class_folders, read_dataset
+from .datasets import Clip, DatasetError, group_of, named_test_split
 from .db import ClipRole, JobStatus, TrainingJob, UploadedClip, session_scope
 from .errors import UserError
 from .ingest import clips_as_dataset, upload_group
@@ -74,37 +74,26 @@ class RetrainData:
 
 # --------------------------------------------------------------------------- the data set
 
-def _data_set(settings: Settings) -> list[Clip]:
-    root = settings.data_dir
-    if not root.is_dir():
-        return []
-    try:
-        return read_dataset(root)
-    except DatasetError:
-        return []
-
-
 def _fixed_test(spec: dict[str, Any], settings: Settings
                 ) -> tuple[TestSet, list[Clip], str] | None:
-    """(test set, base training clips, their description) from the data set, or None."""
+    """(test set, base training clips, their description) from the data set — the served
+    model's test folds, else ``data/test`` (``datasets.named_test_split``) — or None."""
     root = settings.data_dir
-    clips = _data_set(settings)
     folds = set(spec.get("folds") or [])
-    if folds and any(c.fold in folds for c in clips):
-        test = [c for c in clips if c.fold in folds]
-        train = [c for c in clips if c.fold not in folds]
-        others = sorted({c.fold for c in train if c.fold is not None})
-        return (TestSet("folds", test, f"fold(s) {sorted(folds)} of {root}", sorted(folds)),
-                train, f"{root}" + (f" fold(s) {others}" if others else ""))
-    test_dir, train_dir = root / "test", root / "train"
     try:
-        test = read_class_folders(test_dir) if test_dir.is_dir() else []
-        train = read_class_folders(train_dir) if train_dir.is_dir() else []
+        named = named_test_split(root, folds) if root.is_dir() else None
     except DatasetError as exc:
-        raise RetrainError(str(exc)) from None
-    if test:
-        return TestSet("folder", test, str(test_dir)), train, str(train_dir)
-    return None
+        if folds and not (root / "test").is_dir():  # a folder that is no data set at all
+            return None
+        raise RetrainError(exc.message) from None
+    if named is None:
+        return None
+    kind, train, test, how = named
+    if kind == "folds":
+        others = sorted({c.fold for c in train if c.fold is not None})
+        return (TestSet("folds", test, how, sorted(folds)), train,
+                f"{root}" + (f" fold(s) {others}" if others else ""))
+    return TestSet("folder", test, how), train, str(root / "train")
 
 
 # --------------------------------------------------------------------------- uploads

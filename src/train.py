@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets import Clip, DatasetError, read_class_folders, read_dataset, summarise
+from .datasets import Clip, DatasetError, named_test_split, read_dataset, summarise
 from .distill import Teachers
 from .features import load_waveforms
 from .model import (
@@ -25,7 +25,7 @@ from .model import (
     make_checkpoint,
     new_model,
 )
-from .preprocessing import CLASSES, FeatureConfig, encode_labels, fold_split, group_split
+from .preprocessing import CLASSES, FeatureConfig, encode_labels, group_split
 from .testset import spec_for, spec_of, with_scores
 
 
@@ -54,14 +54,13 @@ def split_clips(
     Validation always comes from inside the training side.
     """
     data_dir = Path(data_dir)
-    if test_folds:
-        clips = read_dataset(data_dir)
-        train_idx, test_idx = fold_split(np.array([c.fold or 0 for c in clips]), test_folds)
-        train, test = [clips[i] for i in train_idx], [clips[i] for i in test_idx]
-        how = f"test = fold(s) {sorted(test_folds)}"
-    elif (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
-        train, test = read_class_folders(data_dir / "train"), read_class_folders(data_dir / "test")
-        how = f"test = {data_dir / 'test'}"
+    named = named_test_split(data_dir, test_folds)
+    if test_folds and (named is None or named[0] != "folds"):
+        raise DatasetError(f"{data_dir}: no clips in test fold(s) {sorted(test_folds)}.")
+    if named is not None:
+        kind, train, test, _ = named
+        how = f"test = fold(s) {sorted(test_folds or [])}" if kind == "folds" else \
+            f"test = {data_dir / 'test'}"
     else:
         clips = read_dataset(data_dir)
         labels = encode_labels([c.label for c in clips])

@@ -328,14 +328,9 @@ def backticks(text: str) -> Markup:
 @ui.post("/training/retrain")
 @admin_required
 def retrain_page():
-    params: dict[str, Any] = {}
-    epochs = (request.form.get("epochs") or "").strip()
-    if epochs:
-        if not epochs.isdigit() or not 1 <= int(epochs) <= 200:
-            flash("Epochs must be a whole number from 1 to 200.", "error")
-            return redirect(url_for("ui.training_page"))
-        params["epochs"] = int(epochs)
-    try:
+    try:  # the same rule as the API's, from the one place that knows it
+        params = jobs.validate_params({"epochs": (request.form.get("epochs") or "").strip()
+                                       or None})
         job, created = api_views.start_retrain("ui:admin", params)
     except jobs.RetrainNotReady as exc:  # refused before any job exists: it could only fail
         flash(plan_blocker(exc.plan), "error")

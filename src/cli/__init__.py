@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -80,7 +81,7 @@ def train(
         typer.echo(f"now serving {version}")
 
 
-def write_reports(metrics: dict, version: str) -> Path:
+def write_reports(metrics: dict[str, Any], version: str) -> Path:
     from ..evaluation import plot_confusion_matrix, write_report
 
     out = get_settings().state_dir / "reports" / version

@@ -101,9 +101,11 @@ def print_json(obj: Any) -> None:
 
 
 def connect_broker() -> None:
-    """Give ``src.jobs`` the Celery adapter's sender and broker probe: the commands that queue
-    a job or check the broker (``retrain``, ``stack up``) call this first, as the web app does
-    at start-up; the rest of ``src`` never imports the adapter."""
-    from web.celery_app import install
+    """Connect ``src.jobs`` to the task queue, as the web app does at start-up: the commands
+    that queue a job or probe the broker (``retrain``, ``stack up``) call this first. The
+    adapter registers itself as an ``urbansound.job_queue`` entry point (pyproject.toml), so
+    nothing in ``src`` imports it; without one installed, ``jobs`` says no broker is set."""
+    from importlib.metadata import entry_points
 
-    install()
+    for entry in entry_points(group="urbansound.job_queue"):
+        entry.load()()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from ..settings import get_settings
+from ..settings import Settings, get_settings
 from .common import fail, friendly_errors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def describe_data(data_dir: Path) -> str:
     return f"{summary['n']:,} clips in {data_dir} ({layout})"
 
 
-def startup_report(settings=None) -> list[str]:
+def startup_report(settings: Settings | None = None) -> list[str]:
     """What ``urbansound up`` found, one line each: model, data set, database, broker."""
     from .. import db, registry
 
@@ -161,7 +161,7 @@ def _prepare() -> None:
     db.upgrade(settings.db_url)
 
 
-def _stop(procs: dict[str, subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+def _stop(procs: dict[str, subprocess.Popen[bytes]], grace: float = STOP_GRACE_S) -> None:
     """SIGTERM each child's process group (gunicorn: graceful; Celery: warm shutdown), then
     SIGKILL whatever is still there after ``grace`` seconds."""
     for proc in procs.values():
@@ -194,7 +194,7 @@ def up(
     commands = {"web": gunicorn_argv(host, port, workers)}
     if not no_worker:
         commands["worker"] = [sys.executable, "-m", "src.cli", "worker"]
-    procs: dict[str, subprocess.Popen] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping: dict[str, int | None] = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -283,6 +283,9 @@ def test_concurrent_requests_make_one_job(clean, backend, tmp_path):
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'race.db'}"
         db.upgrade(url)
+    # something new to learn, or every request would be refused before a job exists
+    ingest(cw.upload_items(cw.pick(clean.rows, 2, 1, skip=80)[:1]), source="cli",
+           settings=Settings(database_url=url))
     results = race(url)
     assert len(results) == 16
     assert len({job_id for job_id, _ in results}) == 1
@@ -294,6 +297,7 @@ def test_concurrent_requests_make_one_job(clean, backend, tmp_path):
 def test_stale_or_dead_jobs_never_block_retraining(clean):
     from src.db import TrainingJob, utcnow
 
+    upload(clean, cw.pick(clean.rows, 2, 1, skip=85)[:1])  # something new to learn
     long_ago = utcnow() - timedelta(hours=1)
     with db.session_scope(clean.db_url) as s:
         s.add(TrainingJob(id="stale-job", status="running", started_at=long_ago,
