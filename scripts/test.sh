@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 bash scripts/services.sh ensure
 .venv/bin/ruff check .
+.venv/bin/mypy src
 exec .venv/bin/python -m pytest "$@"

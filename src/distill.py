@@ -11,7 +11,7 @@ input, not the clean clip.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,18 @@ from torch import nn
 
 from .errors import UserError
 
-if TYPE_CHECKING:  # model imports this module
-    from .model import AudioCNN
+
+class Network(Protocol):
+    """What distillation needs of a network (``model.AudioCNN`` is one; ``model`` imports
+    this module, so it is named by its shape here)."""
+
+    @property
+    def config(self) -> object: ...
+    @property
+    def head(self) -> nn.Linear: ...
+    @property
+    def standardise(self) -> Any: ...  # mean/std buffers and a call: log-mel → standardised
+    def classify(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class TeacherError(UserError, ValueError):
@@ -35,11 +45,11 @@ class Teachers(nn.Module):
     splits (other band statistics) still see what they were trained on.
     """
 
-    def __init__(self, models: list[AudioCNN], student: AudioCNN, temperature: float = 2.0):
+    def __init__(self, models: list[nn.Module], student: Network, temperature: float = 2.0):
         super().__init__()
         if not models:
             raise TeacherError("Distillation needs at least one teacher.")
-        for m in models:
+        for m in cast("list[Network]", models):
             if m.config != student.config:
                 raise TeacherError("A teacher was trained on other features "
                                    f"({m.config} instead of {student.config}).")
@@ -58,7 +68,7 @@ class Teachers(nn.Module):
         """Standardised student features → mean teacher probabilities at ``temperature``."""
         logmel = x * self.student_std + self.student_mean
         probs = [torch.softmax(m.classify(m.standardise(logmel)) / self.temperature, dim=1)
-                 for m in cast("Iterable[AudioCNN]", self.models)]
+                 for m in cast("Iterable[Network]", self.models)]
         return torch.stack(probs).mean(0)
 
 

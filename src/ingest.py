@@ -60,6 +60,7 @@ from .errors import UserError
 from .files import fsync_dir
 from .preprocessing import CLASSES, AudioError, normalise_label
 from .settings import Settings, get_settings
+from .testset import guard
 from .upload_checks import (
     MIB,
     Content,
@@ -382,7 +383,7 @@ def ingest(
     ``settings.db_url`` is opened.
 
     ``in_test_set(sha256, name)`` says why a file belongs to the quality gate's test set (the
-    leakage guard, ``retrain_data.guard``, by default): such a file is refused, or the gate
+    leakage guard, ``testset.guard``, by default): such a file is refused, or the gate
     would grade the model on clips it trained on.
 
     Raises ``IngestError`` for an unusable request (nothing to ingest, unknown ``label``),
@@ -404,8 +405,6 @@ def ingest(
     staging.mkdir(parents=True, exist_ok=True)
     try:
         if in_test_set is None:
-            from .retrain_data import guard  # it reads uploads through this module
-
             in_test_set = guard(settings).check
         batch = _Batch(settings, explicit, staging, in_test_set)
         for item in items:

@@ -57,9 +57,8 @@ from .db import (
     utcnow,
 )
 from .errors import Unavailable, UserError, one_line
-from .retrain_data import RetrainError
 from .settings import Settings, get_settings
-from .testset import recorded_scores, spec_of
+from .testset import RetrainError, recorded_scores, spec_of
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ the test clips), and every retrain resolves it the same way:
 ``plan`` answers, without changing anything, what a retrain would use or what is missing (the
 Training page shows it before the button; ``request_retrain`` refuses a retrain that could
 only fail). ``prepare`` does the same for a running job, fixing the held-out slice for good.
-``guard`` is the leakage check the upload path runs: a file whose content, or whose
-UrbanSound8K recording, belongs to the gate's test set is refused (``in_test_set``).
+The test set itself, and the leakage guard the upload path runs, are ``testset``'s.
 """
 
 from __future__ import annotations
@@ -27,19 +26,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from .datasets import Clip, DatasetError, group_of, named_test_split
+from .datasets import Clip
 from .db import ClipRole, JobStatus, TrainingJob, UploadedClip, session_scope
 from .errors import UserError
 from .ingest import clips_as_dataset, upload_group
 from .settings import Settings, get_settings
-from .testset import file_sha256, spec_for, spec_of
+from .testset import RetrainError, TestSet, file_sha256, fixed_test, spec_for, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +44,6 @@ HOLDOUT_FRACTION = 0.2  # of each batch of new recordings, when the uploads are 
 FIX_DATA = ("`urbansound data import DIR` (an UrbanSound8K copy) or `urbansound data download`")
 FIX_UPLOAD = ("upload labelled clips: the Data page, `urbansound data upload DIR` or "
               "POST /api/v1/uploads")
-
-
-class RetrainError(UserError):
-    """A retrain that cannot go on for a reason a person can fix; becomes the job's error."""
-
-
-@dataclass
-class TestSet:
-    kind: str  # folds | folder | uploads
-    clips: list[Clip]
-    description: str
-    folds: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -73,28 +58,6 @@ class RetrainData:
 
 
 # --------------------------------------------------------------------------- the data set
-
-def _fixed_test(spec: dict[str, Any], settings: Settings
-                ) -> tuple[TestSet, list[Clip], str] | None:
-    """(test set, base training clips, their description) from the data set — the served
-    model's test folds, else ``data/test`` (``datasets.named_test_split``) — or None."""
-    root = settings.data_dir
-    folds = set(spec.get("folds") or [])
-    try:
-        named = named_test_split(root, folds) if root.is_dir() else None
-    except DatasetError as exc:
-        if folds and not (root / "test").is_dir():  # a folder that is no data set at all
-            return None
-        raise RetrainError(exc.message) from None
-    if named is None:
-        return None
-    kind, train, test, how = named
-    if kind == "folds":
-        others = sorted({c.fold for c in train if c.fold is not None})
-        return (TestSet("folds", test, how, sorted(folds)), train,
-                f"{root}" + (f" fold(s) {others}" if others else ""))
-    return TestSet("folder", test, how), train, str(root / "train")
-
 
 # --------------------------------------------------------------------------- uploads
 
@@ -152,7 +115,7 @@ def _resolve(session: Any, spec: dict[str, Any], lineage: list[str], settings: S
     with ``commit_roles`` the held-out slice is recorded (flushed; the caller commits). Third
     item: the unused uploads (before the hold-out)."""
     unused, used, held = _uploads(session, lineage)
-    fixed = _fixed_test(spec, settings)
+    fixed = fixed_test(spec, settings.data_dir)
     missing: list[dict[str, str]] = []
     hold: set[int] = set()
     if fixed is not None:
@@ -265,66 +228,3 @@ def subsample(clips: list[Clip], n: int, seed: int = 0) -> list[Clip]:
     return [clips[i] for i in sorted(picked)]
 
 
-# --------------------------------------------------------------------------- leakage guard
-
-@dataclass(frozen=True)
-class Guard:
-    hashes: frozenset[str]
-    recordings: frozenset[str]
-    description: str
-
-    def check(self, sha256: str, name: str) -> str | None:
-        """Why this file belongs to the test set, or None."""
-        if sha256 in self.hashes:
-            return f"Same content as a clip of the quality gate's test set ({self.description})."
-        stem = Path(name.replace("\\", "/").rsplit("/", 1)[-1]).stem
-        group = group_of(Path(stem))
-        if group != stem and group in self.recordings:
-            return (f"Recording {group} belongs to the quality gate's test set "
-                    f"({self.description}); training on it would make the gate meaningless. "
-                    "Upload clips of other recordings.")
-        return None
-
-
-_guards: dict[tuple[Any, ...], Guard] = {}
-_guard_lock = threading.Lock()
-
-
-def guard(settings: Settings | None = None) -> Guard:
-    """The served model's test set as hashes and recordings, from its spec and — when the
-    data set is installed — from the test clips themselves (older checkpoints name only the
-    folds). Cached per served version and data folder state."""
-    from . import registry
-
-    settings = settings or get_settings()
-    try:
-        version, path = registry.current(settings.models_dir)
-        spec = spec_of(registry.read_metadata(path))
-    except UserError:
-        return Guard(frozenset(), frozenset(), "")
-    root = settings.data_dir
-    try:
-        stamp = tuple(p.stat().st_mtime_ns for p in (root, root / "test", root / "metadata")
-                      if p.exists())
-    except OSError:
-        stamp = ()
-    key = (version, str(root), stamp)
-    with _guard_lock:
-        if key in _guards:
-            return _guards[key]
-    hashes, recordings = set(spec["sha256"]), set(spec["recordings"])
-    description = spec.get("description") or "the served model's test set"
-    try:
-        fixed = _fixed_test(spec, settings)
-    except RetrainError:
-        fixed = None
-    if fixed is not None:
-        test = fixed[0]
-        hashes |= {file_sha256(c.path) for c in test.clips}
-        recordings |= {c.group for c in test.clips if c.group != c.path.stem}
-        description = test.description
-    result = Guard(frozenset(hashes), frozenset(recordings), description)
-    with _guard_lock:
-        _guards.clear()
-        _guards[key] = result
-    return result

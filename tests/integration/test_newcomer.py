@@ -11,7 +11,8 @@ the repository's ``var/`` or ``models/``).
 
 Without a data set: predict a real clip, upload a zip, retrain (never ``failed``), upload more,
 retrain, roll back, retrain (what only the abandoned versions learnt is new again); versions
-carry their parents and record what they were graded on; then every same-origin link, image, stylesheet and script of every page
+carry their parents and record what they were graded on; then every same-origin link, image,
+stylesheet and script of every page
 answers 200, anonymous and as admin. Then the same with a data set imported (``urbansound data
 import``): a fold-3 clip (the gate's test set) is refused with ``in_test_set``, the retrain
 gates on fold 3, the data visualisations render. ``up`` stops on Ctrl-C within ~20 s, web and
