@@ -74,7 +74,12 @@ backlog = 256  # connections waiting for a worker; nginx retries elsewhere when 
 
 # --------------------------------------------------------------------------- workers
 workers = _env_int("URBANSOUND_WEB_WORKERS", min(available_cores(), 4))
-worker_class = os.environ.get("URBANSOUND_WEB_WORKER_CLASS", "gthread")
+# gthread (or sync) as subclasses whose own error answers (414 URL too long, 431 headers too
+# large, 400 unparsable...) are the API's JSON envelope instead of gunicorn's HTML page
+# (web/gunicorn_worker.py); any other class named here is used as it is.
+_worker_class = os.environ.get("URBANSOUND_WEB_WORKER_CLASS", "gthread")
+worker_class = {"gthread": "web.gunicorn_worker.ThreadWorker",
+                "sync": "web.gunicorn_worker.SyncWorker"}.get(_worker_class, _worker_class)
 threads = _env_int("URBANSOUND_WEB_THREADS", 4)
 worker_connections = 1000
 # The heartbeat file lives in RAM when it can: on a container's overlay file system a
@@ -106,7 +111,10 @@ capture_output = False
 # Trust X-Forwarded-* only from the proxy in front (nginx on this host, or the compose
 # network when FORWARDED_ALLOW_IPS says so).
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# Longer request lines get 414, bigger or more header fields 431 (as JSON, see above).
 limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
 # gunicorn >= 24 opens a control socket at one fixed path per user: several servers on one
 # machine (the stack's replicas, tests) would fight over it, and nothing here uses it.
 control_socket_disable = True

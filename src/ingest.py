@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
@@ -331,15 +331,66 @@ def _commit(session: Session, batch: _Batch, settings: Settings, source: str,
     return report
 
 
-def _sweep_staging(incoming: Path, max_age_s: float = 86_400) -> None:
-    """Staging folders of processes killed mid-upload; a day old means nobody owns them."""
+#: In each staging folder: a file its process holds an exclusive ``flock`` on for as long as it
+#: stages there. The kernel drops the lock when the process dies, however it dies (kill -9
+#: included), so a folder whose lock can be taken has no live owner: no pid reuse to fool.
+OWNER_FILE = ".owner"
+_OWNER_GRACE_S = 5.0  # a lock file this young may be between its creation and its flock
+
+
+def _claim_staging(incoming: Path) -> tuple[Path, IO[bytes]]:
+    """A new staging folder under ``incoming``, locked by this process until the returned
+    handle is closed."""
+    staging = incoming / f"{os.getpid()}-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    owner = open(staging / OWNER_FILE, "wb")  # noqa: SIM115 - closed by ingest() when done
+    fcntl.flock(owner, fcntl.LOCK_EX)
+    owner.write(f"{os.getpid()}\n".encode())
+    owner.flush()
+    return staging, owner
+
+
+def sweep_staging(settings: Settings | None = None, max_age_s: float = 86_400) -> list[Path]:
+    """Remove staging folders no live process owns: what a process killed mid-upload leaves
+    in ``uploads_dir/.incoming``. Safe at any time, with uploads in flight in this or any
+    other process (a sibling gunicorn worker's folder is locked, so it is left alone); run at
+    start-up and before every upload. A folder without a lock file (from an older version, or
+    caught between its ``mkdir`` and its lock) goes only once it is ``max_age_s`` old.
+    Returns the folders removed."""
+    settings = settings or get_settings()
+    incoming = settings.uploads_dir / ".incoming"
     if not incoming.is_dir():
-        return
-    cutoff = time.time() - max_age_s
+        return []
+    removed = []
+    now = time.time()
     for folder in incoming.iterdir():
         with contextlib.suppress(OSError):
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                owner = open(folder / OWNER_FILE, "rb")  # noqa: SIM115 - closed just below
+            except (FileNotFoundError, NotADirectoryError):
+                if folder.lstat().st_mtime < now - max_age_s:
+                    _remove(folder)
+                    removed.append(folder)
+                continue
+            with owner:
+                try:
+                    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its process is alive and staging there
+                if os.fstat(owner.fileno()).st_mtime > now - _OWNER_GRACE_S:
+                    continue  # just created: its owner may not have locked it yet
+                _remove(folder)
+                removed.append(folder)
+    if removed:
+        log.info("removed %d abandoned upload staging folder(s) in %s", len(removed), incoming)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def find_orphans(session: Session, settings: Settings | None = None,
@@ -400,9 +451,8 @@ def ingest(
         if explicit is None:
             raise IngestError(f"Unknown label {label!r}; expected one of: {', '.join(CLASSES)}.",
                               code="unknown_label")
-    _sweep_staging(settings.uploads_dir / ".incoming")
-    staging = settings.uploads_dir / ".incoming" / uuid.uuid4().hex
-    staging.mkdir(parents=True, exist_ok=True)
+    sweep_staging(settings)
+    staging, owner = _claim_staging(settings.uploads_dir / ".incoming")
     try:
         if in_test_set is None:
             in_test_set = guard(settings).check
@@ -418,6 +468,7 @@ def ingest(
             return _commit(own, batch, settings, source, client)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        owner.close()
 
 
 # --------------------------------------------------------------------------- retraining
@@ -533,11 +584,11 @@ def upload_stats(session: Session) -> dict[str, Any]:
     per_class = dict(session.execute(
         sa.select(UploadedClip.label, sa.func.count()).group_by(UploadedClip.label)
         .order_by(UploadedClip.label)
-    ).tuples().all())
+    ).all())
     rejects = dict(session.execute(
         sa.select(UploadReject.reason_code, sa.func.count()).group_by(UploadReject.reason_code)
         .order_by(UploadReject.reason_code)
-    ).tuples().all())
+    ).all())
     return {
         "n_uploads": session.scalar(sa.select(sa.func.count()).select_from(Upload)) or 0,
         "n_clips": sum(per_class.values()),

@@ -82,7 +82,10 @@ class Metrics:
     predict_latency: Any
     served: Any
     started: Any
+    pointer_state: Any
+    pointer_problem: Any
     served_version: str | None = None
+    pointer: str | None = None
 
 
 def get_metrics(state_dir: Path, started_at: float | None = None) -> Metrics:
@@ -114,6 +117,16 @@ def get_metrics(state_dir: Path, started_at: float | None = None) -> Metrics:
                 started=Gauge("urbansound_start_time_seconds",
                               "Unix time the earliest worker of this server started.",
                               multiprocess_mode="min", registry=None),
+                pointer_state=Gauge(
+                    "urbansound_model_pointer_state",
+                    "Worker processes by model-pointer state: ok, pointer_unreadable, "
+                    "hash_mismatch, older_than_pointer.",
+                    ["state"], multiprocess_mode="livesum", registry=None),
+                pointer_problem=Gauge(
+                    "urbansound_model_pointer_problem",
+                    "1 while any worker cannot follow the model pointer (unreadable, hash "
+                    "mismatch, serving an older version than it names): alert on it.",
+                    multiprocess_mode="livemax", registry=None),
             )
             _metrics.started.set(started_at or time.time())
         return _metrics
@@ -162,6 +175,20 @@ class Monitor:
             if version is not None:
                 m.served.labels(version).set(1)
             m.served_version = version
+
+    def set_pointer_state(self, state: str | None) -> None:
+        """This worker's model-pointer state (``prediction.PointerState.state``; None while no
+        model is loaded): one worker counted per state, and the problem flag."""
+        m = self.metrics
+        with _lock:
+            if state == m.pointer:
+                return
+            if m.pointer is not None:
+                m.pointer_state.labels(m.pointer).set(0)
+            if state is not None:
+                m.pointer_state.labels(state).set(1)
+            m.pointer_problem.set(0 if state in (None, "ok") else 1)
+            m.pointer = state
 
     # ------------------------------------------------------------------ reading
 
@@ -303,6 +330,13 @@ def summarise(samples: dict[str, list[tuple[str, dict[str, str], float]]],
 
     served = {labels["version"]: int(value)
               for _, labels, value in samples.get("urbansound_model_served", []) if value}
+    pointer_states: dict[str, int] = {}
+    for _, labels, value in samples.get("urbansound_model_pointer_state", []):
+        if value:
+            pointer_states[labels["state"]] = pointer_states.get(labels["state"], 0) + int(value)
+    pointer = {"ok": not any(v for _, _, v in samples.get("urbansound_model_pointer_problem",
+                                                            [])),
+               "workers_by_state": dict(sorted(pointer_states.items()))}
     started = [v for _, _, v in samples.get("urbansound_start_time_seconds", [])]
     return {
         "uptime_s": uptime_from(started),
@@ -331,7 +365,7 @@ def summarise(samples: dict[str, list[tuple[str, dict[str, str], float]]],
             "histogram": histogram,
         },
         "workers_per_version": served,
-        "model": model or {},
+        "model": {**(model or {}), "pointer": pointer},
     }
 
 

@@ -1,24 +1,34 @@
 """Serving-side inference: load a checkpoint once, then clip → label + probabilities.
 
 ``Predictor`` wraps one immutable model version. ``LivePredictor`` follows the registry's
-pointer: it notices a new served version within ``poll_s`` (one ``stat`` call per check),
-loads it off the request path and swaps the reference in one assignment, so a request is
-always answered by exactly one complete model and names which one.
+pointer: it notices a new served version within ``poll_s`` (two ``stat`` calls and a small
+read per check), verifies the file's sha256 against the pointer, loads it off the request
+path and swaps the reference in one assignment, so a request is always answered by exactly
+one complete model and names which one. A pointer it cannot trust changes nothing but its
+``pointer`` state, which readiness and the metrics report.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .errors import one_line
 from .model import build_model, load_checkpoint
 from .preprocessing import AudioSource, load_clip
+
+if TYPE_CHECKING:
+    from .registry import PointerCheck
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +111,54 @@ class Predictor:
         return self.model.logmel(x)[0, 0].numpy()
 
 
+POINTER_PROBLEMS = {
+    "pointer_unreadable": "pointer unreadable",
+    "hash_mismatch": "hash mismatch",
+    "older_than_pointer": "serving an older version than the pointer names",
+}
+
+
+@dataclass(frozen=True)
+class PointerState:
+    """Whether this process serves the version the registry's pointer names, and if not why:
+    ``ok`` or one of ``POINTER_PROBLEMS`` (readiness and the metrics report it)."""
+
+    state: str
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def load_verified(path: Path, sha256: str) -> dict:
+    """The checkpoint at ``path``, loaded from the very bytes whose sha256 was checked: a file
+    swapped between the pointer check and the load is refused, never served."""
+    from .model import CHECKPOINT_FORMAT, CheckpointError
+
+    data = Path(path).read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise CheckpointError(f"{Path(path).name} has sha256 {actual[:12]}…, the pointer says "
+                              f"{sha256[:12]}…")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{Path(path).name} is not a readable checkpoint "
+                              f"({' '.join(str(exc).split())[:200]}).") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{Path(path).name} is not an urbansound checkpoint.")
+    return ckpt
+
+
 class LivePredictor:
-    """Follows the served version in ``models_dir``; safe to share between threads."""
+    """Follows the served version in ``models_dir``; safe to share between threads.
+
+    The pointer is verified, never trusted blindly: a new version is loaded only from bytes
+    whose sha256 is the one ``CURRENT`` recorded at activation, and only if the checkpoint
+    says it is that version. When the pointer cannot be followed (unreadable, a hash mismatch,
+    a missing or corrupt file) the model already loaded keeps answering and ``pointer`` says
+    why, until the pointer or the file is fixed (both are watched)."""
 
     def __init__(self, models_dir: Path, poll_s: float = 0.5, optimise: bool = True):
         from . import registry
@@ -114,23 +170,39 @@ class LivePredictor:
         self._lock = threading.Lock()
         self._loading = False
         self._checked = 0.0
-        self._signature = registry.current_signature(self.models_dir)
-        _version, path = registry.current(self.models_dir)
-        self.current = Predictor(path, optimise)
+        signature = registry.pointer_signature(self.models_dir)
+        check = registry.check_pointer(self.models_dir)
+        predictor, error = self._try_load(check) if check.ok else (None, None)
+        if predictor is None:  # the registry's fallback: the last activated file still intact
+            _version, path = registry.fallback(
+                self.models_dir, error or check.message, exclude=check.version if error else None)
+            predictor = Predictor(path, optimise)
+        self.current: Predictor = predictor
         self.loaded_at = time.time()
+        self.pointer = self._judge(check, error)
+        self._signature = (signature, self._served_stat())
 
     def get(self) -> Predictor:
-        """The predictor to use for this request; at most one stat call per ``poll_s``."""
+        """The predictor to use for this request; the pointer is looked at (two stat calls and
+        one small read) at most once per ``poll_s``."""
         now = time.monotonic()
         if now - self._checked >= self.poll_s:
             self._checked = now
             self.refresh(background=True)
         return self.current
 
+    def _served_stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.current.checkpoint_path) if self.current.checkpoint_path else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
     def refresh(self, background: bool = False) -> bool:
-        """Load the pointer's version if it changed. In the background the old model keeps
-        answering until the new one is fully loaded; the swap is one reference assignment."""
-        signature = self._registry.current_signature(self.models_dir)
+        """Check the pointer again if it, the file it names or the served file changed; load
+        the version it names if that is new. In the background the old model keeps answering
+        until the new one is fully loaded; the swap is one reference assignment."""
+        signature = (self._registry.pointer_signature(self.models_dir), self._served_stat())
         if signature == self._signature:
             return False
         with self._lock:
@@ -144,16 +216,58 @@ class LivePredictor:
             self._load(signature)
         return True
 
-    def _load(self, signature) -> None:
+    def _try_load(self, check: PointerCheck) -> tuple[Predictor | None, str | None]:
+        """The pointer's version loaded from verified bytes, or None and why not."""
+        assert check.path is not None and check.sha256 is not None  # a verified pointer
         try:
-            version, path = self._registry.current(self.models_dir)
-            if version != self.current.version:
-                self.current = Predictor(path, self.optimise)
-                self.loaded_at = time.time()
-                log.info("now serving model %s", version)
+            ckpt = load_verified(check.path, check.sha256)
+            predictor = Predictor(ckpt, self.optimise)
+        except Exception as exc:
+            return None, f"{check.version} did not load ({one_line(exc)[:300]})"
+        if predictor.version != check.version:
+            return None, (f"{check.path.name} holds version {predictor.version!r}, not "
+                          f"{check.version}")
+        predictor.checkpoint_path = check.path
+        return predictor, None
+
+    def _judge(self, check: PointerCheck, error: str | None) -> PointerState:
+        served = self.current.version
+        if not check.ok:
+            state = {"unreadable": "pointer_unreadable",
+                     "hash_mismatch": "hash_mismatch"}.get(check.state, "older_than_pointer")
+            why = check.message
+        elif error is not None:
+            state, why = "older_than_pointer", error
+        elif check.version != served:
+            state, why = "older_than_pointer", f"the pointer names {check.version}"
+        else:
+            return PointerState("ok", f"serving {served}, the version the pointer names")
+        return PointerState(state, f"{POINTER_PROBLEMS[state]}: {why}; still serving {served}")
+
+    def _load(self, signature: tuple[Any, ...]) -> None:
+        try:
+            try:
+                check = self._registry.check_pointer(self.models_dir)
+                error = None
+                if check.ok and check.version != self.current.version:
+                    predictor, error = self._try_load(check)
+                    if predictor is not None:
+                        self.current = predictor
+                        self.loaded_at = time.time()
+                        log.info("now serving model %s", predictor.version)
+                state = self._judge(check, error)
+            except Exception as exc:
+                log.exception("could not follow the model pointer; still serving %s",
+                              self.current.version)
+                state = PointerState(
+                    "older_than_pointer", f"{POINTER_PROBLEMS['older_than_pointer']}: "
+                    f"{one_line(exc)}; still serving {self.current.version}")
+            if not state.ok and state != self.pointer:
+                log.error("model pointer: %s", state.message)
+            elif state.ok and not self.pointer.ok:
+                log.info("model pointer trusted again: %s", state.message)
+            self.pointer = state
             self._signature = signature
-        except Exception:
-            log.exception("could not load the new model; still serving %s", self.current.version)
         finally:
             with self._lock:
                 self._loading = False

@@ -19,6 +19,10 @@ fall back to the last activated version in ``HISTORY.jsonl`` and then to the new
 that loads and was not rejected, and say so in the log: a model is always served if one can
 be. The fallback never picks a rejected version or a candidate that was never activated,
 unless no version was ever activated.
+
+The pointer records the file's sha256 and is verified before it is followed
+(``check_pointer``): a file whose bytes differ from what was activated is never served, and the
+fallback skips a file that no longer matches the sha256 its activation recorded.
 """
 
 from __future__ import annotations
@@ -214,6 +218,103 @@ def current_signature(models_dir: Path | None = None) -> tuple[int, int, int] | 
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_sha_cache: dict[tuple[str, int, int, int], str] = {}
+
+
+def cached_sha256(path: Path) -> str:
+    """``file_sha256``, remembered by (path, inode, size, mtime): a version file is hashed once
+    per process, however often the pointer is checked; a file changed in place is hashed
+    again (its size or mtime moved)."""
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    with _meta_lock:
+        hit = _sha_cache.get(key)
+    if hit is None:
+        hit = file_sha256(path)
+        with _meta_lock:
+            if len(_sha_cache) > 256:
+                _sha_cache.clear()
+            _sha_cache[key] = hit
+    return hit
+
+
+@dataclass(frozen=True)
+class PointerCheck:
+    """What ``check_pointer`` found. ``state``: ``ok``; ``unreadable`` (missing, empty, not
+    JSON, no valid version name or sha256); ``dangling`` (names a version whose file is
+    gone); ``hash_mismatch`` (the file's sha256 is not the one the pointer recorded)."""
+
+    state: str
+    message: str
+    version: str | None = None
+    path: Path | None = None
+    sha256: str | None = None  # as the pointer recorded it
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def check_pointer(models_dir: Path | None = None) -> PointerCheck:
+    """Read ``CURRENT`` and verify what it names: a valid version name, an existing file whose
+    sha256 is the one recorded at activation. Nothing is loaded; the hash is computed once per
+    file (``cached_sha256``). Messages name files, not full paths (readiness is public)."""
+    root = _dir(models_dir)
+    try:
+        raw = (root / POINTER).read_bytes()
+    except FileNotFoundError:
+        return PointerCheck("unreadable", f"{POINTER} is missing")
+    except OSError as exc:
+        return PointerCheck("unreadable", f"{POINTER} is unreadable ({exc.strerror})")
+    if not raw.strip():
+        return PointerCheck("unreadable", f"{POINTER} is unreadable (empty)")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return PointerCheck("unreadable", f"{POINTER} is unreadable (not valid JSON)")
+    version = data.get("version") if isinstance(data, dict) else None
+    if not isinstance(version, str):
+        return PointerCheck("unreadable", f"{POINTER} is unreadable (no version in it)")
+    if not _VERSION.match(version) or version.endswith(SUFFIX):
+        return PointerCheck("unreadable", f"{POINTER} is unreadable (invalid version name "
+                            f"{version[:60]!r})")
+    expected_file = f"{version}{SUFFIX}"
+    if data.get("file", expected_file) != expected_file:
+        return PointerCheck("unreadable", f"{POINTER} is unreadable (version {version} but "
+                            f"file {str(data.get('file'))[:60]!r})", version)
+    expected = data.get("sha256")
+    if not isinstance(expected, str) or not _SHA256.match(expected):
+        return PointerCheck("unreadable", f"{POINTER} is unreadable (no valid sha256 for "
+                            f"{version}; activate it with `urbansound models activate`)", version)
+    path = root / expected_file
+    try:
+        actual = cached_sha256(path) if path.is_file() else None
+    except OSError:
+        actual = None
+    if actual is None:
+        return PointerCheck("dangling", f"{POINTER} names {version}, whose file "
+                            f"{expected_file} is missing", version, path)
+    if actual != expected:
+        return PointerCheck("hash_mismatch", f"{expected_file} has sha256 {actual[:12]}…, "
+                            f"{POINTER} says {expected[:12]}…", version, path)
+    return PointerCheck("ok", f"{POINTER} names {version} (sha256 verified)", version, path,
+                        expected)
+
+
+def pointer_signature(models_dir: Path | None = None) -> tuple[Any, ...]:
+    """Changes when the pointer is replaced or the file it names appears, disappears or
+    changes: one stat, one small read and one stat, cheap enough to poll twice a second."""
+    root = _dir(models_dir)
+    target = None
+    pointer = read_pointer(root)
+    if pointer is not None:
+        with contextlib.suppress(OSError):
+            st = os.stat(root / f"{pointer['version']}{SUFFIX}")
+            target = (st.st_mtime_ns, st.st_size, st.st_ino)
+    return current_signature(root), target
+
+
 def _history(models_dir: Path) -> list[dict[str, Any]]:
     try:
         lines = (models_dir / HISTORY).read_text().splitlines()
@@ -265,13 +366,24 @@ def _valid(models_dir: Path, version: str) -> bool:
         return False
 
 
-def _fallback(models_dir: Path, why: str) -> tuple[str, Path]:
-    on_disk = set(_version_files(models_dir))
-    activated = [e["version"] for e in reversed(_history(models_dir))]
+def _fallback(models_dir: Path, why: str, exclude: str | None = None) -> tuple[str, Path]:
+    on_disk = set(_version_files(models_dir)) - {exclude}
+    history = _history(models_dir)
+    activated = [e["version"] for e in reversed(history)]
     ordered = [v for v in dict.fromkeys(activated) if v in on_disk]
     if not ordered:  # never activated anything: the newest non-rejected version
         ordered = sorted(on_disk, reverse=True)
+    recorded = {e["version"]: e.get("sha256") for e in history}  # the last activation wins
     for version in ordered:
+        sha = recorded.get(version)
+        try:
+            changed = bool(sha) and cached_sha256(version_path(version, models_dir)) != sha
+        except OSError:
+            continue
+        if changed:
+            log.warning("model file %s%s no longer matches the sha256 recorded when it was "
+                        "activated; not serving it", version, SUFFIX)
+            continue
         if _rejection(models_dir, version) is None and _valid(models_dir, version):
             log.warning("model pointer %s (%s); serving %s instead", models_dir / POINTER, why,
                         version)
@@ -281,21 +393,25 @@ def _fallback(models_dir: Path, why: str) -> tuple[str, Path]:
     )
 
 
+def fallback(models_dir: Path | None = None, why: str = "asked for",
+             exclude: str | None = None) -> tuple[str, Path]:
+    """The version ``current`` falls back to when the pointer cannot be followed (skipping
+    ``exclude``: a version a loader just failed to load), with a warning in the log."""
+    return _fallback(_dir(models_dir), why, exclude)
+
+
 def current(models_dir: Path | None = None) -> tuple[str, Path]:
     """The served version and its file.
 
-    Trusts the pointer when it names an existing file (cheap: no hashing, no loading); the
-    loader should verify the ``sha256`` from ``read_pointer`` if it wants to. Otherwise falls
-    back as described in the module docstring, with a warning in the log."""
+    Follows the pointer when ``check_pointer`` verifies it (a valid name, an existing file
+    with the sha256 recorded at activation; nothing is loaded, the hash is computed once per
+    file). Otherwise falls back as described in the module docstring, with a warning in the
+    log: a file whose bytes changed after activation is never served."""
     root = _dir(models_dir)
-    pointer = read_pointer(root)
-    if pointer is None:
-        why = "is missing" if not (root / POINTER).exists() else "is unreadable"
-        return _fallback(root, why)
-    path = version_path(pointer["version"], root)
-    if not path.is_file():
-        return _fallback(root, f"names {pointer['version']}, whose file is missing")
-    return pointer["version"], path
+    check = check_pointer(root)
+    if check.ok and check.version is not None and check.path is not None:
+        return check.version, check.path
+    return _fallback(root, check.message)
 
 
 # --------------------------------------------------------------------------- database mirror
@@ -533,7 +649,10 @@ def serve(version: str, *, force: bool = False, models_dir: Path | None = None,
     from .db import DatabaseUnavailable, session_scope
 
     root = _dir(models_dir)
-    check_version_name(version)
+    try:
+        check_version_name(version)
+    except RegistryError as exc:  # no such version can exist: the same answer as any unknown
+        raise RegistryError(exc.message, code="unknown_version", status=404) from None
     info = next((v for v in list_versions(root) if v.version == version), None)
     if info is None:
         raise RegistryError(f"No model version {version!r}.", code="unknown_version",

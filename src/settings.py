@@ -33,9 +33,25 @@ class Settings(BaseSettings):
     api_token: str = Field("change-me", description="Bearer token for mutating API calls.")
     admin_password: str = Field("change-me", description="Password for the UI's admin login.")
     secret_key: str = Field("dev-secret-change-me", description="Flask session/CSRF key.")
+    allow_default_secrets: bool = Field(
+        False, description="Start on a non-loopback address even with a default or placeholder "
+        "secret (a warning instead of a refusal; for throw-away trials only).")
+
+    rate_limits: bool = Field(True, description="Rate limits and lock-out on (429 + Retry-After).")
+    rate_limit_auth_failures: str = Field(
+        "10/minute", description="Wrong tokens/passwords per client address; past it, that "
+        "address gets 429 until the window passes (missing credentials do not count).")
+    rate_limit_mutating: str = Field(
+        "60/minute", description="Uploads, retrains, activations, feedback: calls per client "
+        "address and endpoint (predictions and reads are not limited).")
+    rate_limit_storage: str = Field(
+        "", description="Rate-limit counters (a `limits` storage URI); empty = the broker's "
+        "Redis when it is redis://, else memory:// (per process).")
 
     max_upload_mb: int = Field(200, description="Largest request body (bulk uploads), MiB.")
     max_clip_mb: int = Field(20, description="Largest single audio file, MiB.")
+    max_batch_files: int = Field(64, ge=1, description="Most clips in one batch prediction "
+                                 "request (POST /api/v1/predict/batch).")
     max_archive_members: int = Field(5000, description="Most files in one zip upload.")
     max_archive_bytes_mb: int = Field(1024, description="Most bytes decompressed from one zip.")
     min_clip_seconds: float = Field(0.05, description="Shorter clips are rejected.")
@@ -85,6 +101,28 @@ class Settings(BaseSettings):
     @property
     def celery_backend(self) -> str:
         return self.result_backend or f"db+sqlite:///{self.state_dir / 'results.db'}"
+
+    @field_validator("rate_limit_auth_failures", "rate_limit_mutating", mode="after")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        """Fail at start-up, naming the setting, not at the first request."""
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"not a rate limit like '10/minute': {value!r} ({exc})") from None
+        return value
+
+    @property
+    def rate_limit_storage_uri(self) -> str:
+        """Where the rate-limit counters live: shared by every worker and replica when the
+        stack has a Redis (the broker's), per process in the embedded default."""
+        if self.rate_limit_storage:
+            return self.rate_limit_storage
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "memory://"
 
     @property
     def cache_dir(self) -> Path:

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cpu
+from . import cpu, secret_policy
 from .errors import UserError, one_line
 from .settings import Settings, get_settings
 
@@ -496,6 +496,8 @@ def up(cfg: StackConfig, settings: Settings | None = None,
         logs.mkdir(parents=True, exist_ok=True)
         for old in logs.glob("*.log"):
             old.unlink()
+        for line in secret_policy.check(settings, "127.0.0.1"):  # nginx listens on loopback
+            say(line)
         need_model = _preflight(settings, say)
 
         cores = cpu.usable_cores(settings)

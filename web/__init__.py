@@ -17,12 +17,13 @@ from typing import Any
 from apiflask import APIFlask
 from flask import g, request
 
+from src import secret_policy
 from src.monitoring import Monitor
 from src.settings import get_settings
 
 from . import errors, services
 from .errors import ERROR_SCHEMA
-from .security import csrf
+from .security import csrf, init_rate_limits
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
@@ -66,7 +67,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     if test_config:
         app.config.update(test_config)
 
-    _warn_about_default_secrets(settings)
+    secret_policy.enforce(settings)  # default secrets: refused beyond loopback, else a warning
     started = time.time()
     app.extensions["urbansound"] = services.AppState(
         settings=settings, monitor=Monitor(settings.state_dir, started),
@@ -74,24 +75,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     services.configure_torch_threads(settings)
 
     csrf.init_app(app)
+    init_rate_limits(app, settings)
     errors.register(app)
     _register_blueprints(app)
     _instrument(app)
     if app.config["CELERY_INIT"]:
         _init_celery(app, settings)
     return app
-
-
-def _warn_about_default_secrets(settings: Any) -> None:
-    """The defaults make the embedded demo work out of the box; anywhere else they are a hole."""
-    from src.settings import Settings
-
-    defaults = {name: Settings.model_fields[name].default
-                for name in ("api_token", "admin_password", "secret_key")}
-    weak = [name for name, default in defaults.items() if getattr(settings, name) == default]
-    if weak:
-        log.warning("using the default %s: set URBANSOUND_%s before exposing this server",
-                    ", ".join(weak), " / URBANSOUND_".join(n.upper() for n in weak))
 
 
 def _register_blueprints(app: APIFlask) -> None:

@@ -4,22 +4,41 @@ retraining, activating a model) needs ``Authorization: Bearer <URBANSOUND_API_TO
 
 from __future__ import annotations
 
+import io
+import logging
+import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
 from apiflask import APIBlueprint, APIFlask
 from flask import Response, render_template, request, url_for
 from werkzeug.utils import secure_filename
 
 from src import jobs
+from src.errors import UserError
 
 from . import package_version, schemas, services
 from .errors import api_error
 from .security import token_auth
 
+log = logging.getLogger(__name__)
 MIB = 1 << 20
 MAX_ID = 2**63 - 1  # larger ids cannot exist (BIGINT) and would overflow the driver
 api = APIBlueprint("api", __name__, url_prefix="/api/v1", tag="API")
+
+
+@api.record_once
+def _sweep_abandoned_staging(_state: Any) -> None:
+    """At start-up (each app the factory builds): remove the upload staging folders of
+    processes killed mid-upload. Only folders no live process holds are touched, so a sibling
+    gunicorn worker already uploading keeps its own."""
+    from src import ingest
+    from src.settings import get_settings
+
+    try:
+        ingest.sweep_staging(get_settings())
+    except Exception:  # a start-up chore: never a reason not to serve
+        log.exception("could not sweep the upload staging folder")
 
 AUDIO_TYPES = ("audio/wav", "audio/x-wav", "audio/flac", "audio/ogg", "audio/mpeg",
                "application/octet-stream")
@@ -33,6 +52,18 @@ REQUEST_BODIES: dict[tuple[str, str], dict[str, Any]] = {
                 "type": "object", "required": ["file"],
                 "properties": {"file": {"type": "string", "format": "binary"}}}},
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES},
+        },
+    },
+    ("/api/v1/predict/batch", "post"): {
+        "required": True,
+        "description": "Many audio clips as multipart parts named `files` (or `file`); one "
+                       "result per part, in order.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {
+                    "files": {"type": "array", "minItems": 1,
+                              "items": {"type": "string", "format": "binary"}}}}},
         },
     },
     ("/api/v1/uploads", "post"): {
@@ -59,6 +90,21 @@ def add_request_bodies(spec: dict) -> dict:
         operation = spec.get("paths", {}).get(path, {}).get(method)
         if operation is not None:
             operation["requestBody"] = body
+    schemas_ = spec.get("components", {}).get("schemas", {})
+    for operations in spec.get("paths", {}).values():  # a JSON body with required fields is
+        for operation in operations.values():          # itself required (apispec omits it)
+            body = operation.get("requestBody") if isinstance(operation, dict) else None
+            ref = (((body or {}).get("content") or {}).get("application/json") or {}) \
+                .get("schema", {}).get("$ref", "")
+            if ref and schemas_.get(ref.rsplit("/", 1)[-1], {}).get("required"):
+                body["required"] = True
+    too_many = {"description": "Too many failed authentications or changes from this address "
+                "(see Retry-After)", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/HTTPError"}}}}
+    for operations in spec.get("paths", {}).values():  # every authenticated call is limited
+        for operation in operations.values():
+            if isinstance(operation, dict) and operation.get("security"):
+                operation.setdefault("responses", {}).setdefault("429", too_many)
     return spec
 
 
@@ -68,74 +114,194 @@ def add_request_bodies(spec: dict) -> dict:
 #: and posts nothing), so say that, not which multipart field was absent.
 EMPTY_BODY = ("The request body was empty: no file was sent. Check that the file you attach "
               "exists (curl sends an empty body when it cannot read @FILE).")
+#: A multipart part without a file: a form whose file input was left empty sends one with no
+#: file name and no bytes. Not "the file is empty": there is no file.
+NO_FILE = ("No file was sent: attach the clip as multipart field 'file' "
+           "(curl -F file=@clip.wav) or send it as the request body.")
+CHUNK = 1 << 16
 
 
-def read_clip(settings) -> tuple[bytes, str | None]:
-    """The clip's bytes from multipart ``file`` or the raw body; size-checked, name sanitised."""
-    limit = settings.max_clip_mb * MIB
-    mimetype = request.mimetype or ""
-    if mimetype == "multipart/form-data":
-        upload = request.files.get("file")
-        if upload is None:
-            raise api_error(400, "missing_file",
-                            "Send the clip as multipart field 'file' or as the request body.")
-        data = upload.stream.read(limit + 1)
-        name = secure_filename(upload.filename or "") or None
-    elif mimetype in ("application/x-www-form-urlencoded", "application/json") \
-            or mimetype.startswith("text/"):
-        raise api_error(415, "unsupported_media_type",
-                        f"Expected audio bytes or multipart/form-data, not {mimetype}.")
-    else:
-        if (request.content_length or 0) > limit:
-            raise api_error(413, "too_large", f"A clip may be at most {settings.max_clip_mb} MiB.")
-        data = request.get_data(cache=False)
-        name = None
+class ClipError(UserError):
+    """One clip of a request is unusable (none sent, empty, too large): the request's error
+    for ``/predict``, that file's own error in a batch."""
+
+    code = "bad_clip"
+    status = 400
+
+
+def too_large(limit_mb: int, what: str = "A clip") -> ClipError:
+    return ClipError(f"{what} may be at most {limit_mb} MiB.", code="too_large", status=413)
+
+
+def read_body(limit: int, spool: bool = False) -> tuple[IO[bytes], int]:
+    """The raw request body, at most ``limit`` bytes, as a file positioned at its start, and
+    its size; a larger body is a 413 before anything uses it.
+
+    ``MAX_CONTENT_LENGTH`` alone does not bound a chunked body (no ``Content-Length``):
+    werkzeug's stream then stops quietly at the limit and ``get_data()`` returns the first
+    ``limit`` bytes, so a too-large zip used to arrive truncated (recorded as a bad archive).
+    Reading here in blocks and failing past the limit closes that. ``spool=True`` keeps a big
+    body on disk (an anonymous temporary file) instead of in memory."""
+    if (request.content_length or 0) > limit:
+        raise too_large(limit // MIB, "The request body")
+    out: IO[bytes] = (tempfile.SpooledTemporaryFile(max_size=8 * MIB)  # noqa: SIM115 - returned
+                      if spool else io.BytesIO())
+    n = 0
+    try:
+        while block := request.stream.read(min(CHUNK, limit + 1 - n)):
+            n += len(block)
+            if n > limit:
+                raise too_large(limit // MIB, "The request body")
+            out.write(block)
+    except BaseException:
+        out.close()
+        raise
+    out.seek(0)
+    return out, n
+
+
+def read_part(upload: Any, limit_mb: int) -> tuple[bytes, str | None]:
+    """One multipart file part: its bytes (at most ``limit_mb``) and its sanitised name."""
+    limit = limit_mb * MIB
+    data = upload.stream.read(limit + 1)
+    name = secure_filename(upload.filename or "") or None
+    if not data and not upload.filename:
+        raise ClipError(NO_FILE, code="missing_file")
     if len(data) > limit:
-        raise api_error(413, "too_large", f"A clip may be at most {settings.max_clip_mb} MiB.")
+        raise too_large(limit_mb)
     if not data:
-        raise api_error(400, "empty", EMPTY_BODY if request.content_length in (None, 0)
-                        else "The file is empty.")
+        raise ClipError("The file is empty.", code="empty")
     return data, name
 
 
-def run_prediction(data: bytes, top_k: int = 3) -> tuple[Any, Any, float, Any]:
-    """Decode + classify with one model version captured up front, so the version a response
-    names is the one that computed it even if a swap happens mid-request.
+def file_parts() -> list[Any]:
+    """The multipart file parts named ``files`` or ``file``, in the order they were sent."""
+    return [f for key, f in request.files.items(multi=True) if key in ("files", "file")]
 
-    Returns ``(prediction, predictor, latency_s, waveform)``."""
+
+def read_clip(settings) -> tuple[bytes, str | None]:
+    """The clip's bytes from multipart ``file`` or the raw body; size-checked, name sanitised.
+    One clip only: several files are refused (``one_file_only``), not half answered."""
+    mimetype = request.mimetype or ""
+    if mimetype == "multipart/form-data":
+        parts = file_parts()
+        if len(parts) > 1:
+            raise api_error(400, "one_file_only",
+                            f"{len(parts)} files were sent; /predict classifies one clip. "
+                            "Send several to /api/v1/predict/batch (multipart 'files').")
+        if not parts:
+            raise api_error(400, "missing_file", NO_FILE)
+        return read_part(parts[0], settings.max_clip_mb)
+    if mimetype in ("application/x-www-form-urlencoded", "application/json") \
+            or mimetype.startswith("text/"):
+        raise api_error(415, "unsupported_media_type",
+                        f"Expected audio bytes or multipart/form-data, not {mimetype}.")
+    try:
+        body, _ = read_body(settings.max_clip_mb * MIB)
+    except ClipError:
+        raise too_large(settings.max_clip_mb) from None
+    data = body.read()
+    if not data:
+        raise api_error(400, "empty", EMPTY_BODY)
+    return data, None
+
+
+def serving_predictor() -> Any:
+    """The model version being served now; 503 when there is none."""
     st = services.state()
     predictor = st.predictor()
     if predictor is None:
         raise api_error(503, "no_model", "No model is being served yet: "
                         f"{st.predictors.error or 'still loading'}.")
+    return predictor
+
+
+def run_prediction(data: bytes, top_k: int = 3, predictor: Any = None
+                   ) -> tuple[Any, Any, float, Any]:
+    """Decode + classify with one model version captured up front (or the ``predictor``
+    given: a batch captures one for all its files), so the version a response names is the
+    one that computed it even if a swap happens mid-request.
+
+    Returns ``(prediction, predictor, latency_s, waveform)``."""
+    if predictor is None:
+        predictor = serving_predictor()
     started = time.perf_counter()
     waveform = predictor.load(data)  # AudioError (a UserError) says what is wrong with it
     probabilities = predictor.probabilities(waveform)[0]
     prediction = predictor.from_probabilities(probabilities, top_k)
     latency = time.perf_counter() - started
-    st.monitor.observe_prediction(prediction.label, prediction.confidence, latency)
+    services.state().monitor.observe_prediction(prediction.label, prediction.confidence,
+                                                latency)
     return prediction, predictor, latency, waveform
+
+
+def prediction_out(data: bytes, name: str | None, top_k: int, predictor: Any = None
+                   ) -> dict[str, Any]:
+    """What ``/predict`` answers for one clip (and a batch for each of its files)."""
+    prediction, _, latency, _ = run_prediction(data, top_k, predictor)
+    return {**prediction.to_dict(), "latency_ms": round(1000 * latency, 2), "file": name}
 
 
 @api.post("/predict")
 @api.input(schemas.TopKQuery, location="query", arg_name="query")
 @api.output(schemas.PredictionOut)
 @api.doc(responses={
-    400: "No file, or an empty one", 413: "The clip is larger than URBANSOUND_MAX_CLIP_MB",
+    400: "No file, an empty one, or several (use /predict/batch)",
+    413: "The clip is larger than URBANSOUND_MAX_CLIP_MB",
     415: "Not audio we can decode", 422: "Audio we cannot use (silent, too short, odd rate)",
     503: "No model is being served yet"})
 def predict(query: dict):
     """Classify one clip.
 
     Label one clip: the predicted class, its probability, all class probabilities, the
-    model version that answered and the server-side latency."""
+    model version that answered and the server-side latency. Several clips: use
+    ``/predict/batch``."""
     settings = services.state().settings
     data, name = read_clip(settings)
-    prediction, _, latency, _ = run_prediction(data, query["top_k"])
-    out = {**prediction.to_dict(), "latency_ms": round(1000 * latency, 2), "file": name}
+    out = prediction_out(data, name, query["top_k"])
     if query.get("keep"):
         out["prediction_id"] = keep_clip(data, name)
     return out
+
+
+@api.post("/predict/batch")
+@api.input(schemas.BatchQuery, location="query", arg_name="query")
+@api.output(schemas.BatchPredictionOut)
+@api.doc(responses={
+    400: "No files", 413: "More than URBANSOUND_MAX_BATCH_FILES files, or a request larger "
+    "than URBANSOUND_MAX_UPLOAD_MB", 415: "Not multipart/form-data",
+    503: "No model is being served yet"})
+def predict_batch(query: dict):
+    """Classify many clips.
+
+    Multipart ``files`` (and/or ``file``) parts, one result per file in the order sent: the
+    same fields as ``/predict``, or ``file`` and its own ``error`` (``code``, ``message``)
+    when that file is unusable; one bad file does not fail the others. One model version
+    answers the whole batch, even if a new one is activated meanwhile."""
+    settings = services.state().settings
+    if (request.mimetype or "") != "multipart/form-data":
+        raise api_error(415, "unsupported_media_type",
+                        "Send the clips as multipart/form-data parts named 'files'.")
+    parts = [p for p in file_parts() if p.filename]  # a form's empty file input: no file
+    if not parts:
+        raise api_error(400, "missing_file", "No file was sent: attach the clips as multipart "
+                        "parts named 'files' (curl -F files=@a.wav -F files=@b.wav).")
+    if len(parts) > settings.max_batch_files:
+        raise api_error(413, "too_many_files",
+                        f"{len(parts)} files were sent; a batch holds at most "
+                        f"{settings.max_batch_files} (URBANSOUND_MAX_BATCH_FILES): split it.")
+    predictor = serving_predictor()
+    results: list[dict[str, Any]] = []
+    for part in parts:
+        name = secure_filename(part.filename or "") or None
+        try:
+            data, name = read_part(part, settings.max_clip_mb)
+            results.append(prediction_out(data, name, query["top_k"], predictor))
+        except UserError as exc:  # this file's problem (AudioError, ClipError): its result
+            results.append({"file": name, "error": {"code": exc.code, "message": exc.message}})
+    n_failed = sum("error" in r for r in results)
+    return {"model_version": predictor.version, "n_files": len(results),
+            "n_ok": len(results) - n_failed, "n_failed": n_failed, "results": results}
 
 
 def keep_clip(data: bytes, filename: str | None) -> str:
@@ -188,21 +354,40 @@ def ingest_request(source: str, client: str) -> dict[str, Any]:
 
     label = request.form.get("label") or request.args.get("label") or None
     mimetype = request.mimetype or ""
+    body: IO[bytes] | None = None
     if mimetype == "multipart/form-data":
-        uploads = request.files.getlist("files") + request.files.getlist("file")
-        items = [(safe_relative_name(f.filename or "unnamed"), f.stream) for f in uploads]
+        # A part with no file name and no bytes is a form's file input left empty: no file.
+        uploads = [f for f in file_parts() if f.filename or f.content_length
+                   or _has_bytes(f.stream)]
+        items: list[tuple[str, Any]] = [
+            (safe_relative_name(f.filename or "unnamed"), f.stream) for f in uploads]
     elif mimetype in ("application/zip", "application/x-zip-compressed",
                       "application/octet-stream"):
-        body = request.get_data(cache=False)
-        items = [("upload.zip", body)] if body else []
+        # The whole body is read (bounded; 413 past the limit) before anything is recorded.
+        body, size = read_body(services.state().settings.max_upload_mb * MIB, spool=True)
+        items = [("upload.zip", body)] if size else []
     else:
         raise api_error(415, "unsupported_media_type",
                         "Send multipart/form-data with 'files', or an application/zip body.")
-    if not items:
-        raise api_error(400, "no_files", EMPTY_BODY if not request.content_length
-                        else "No files in the request (multipart field 'files').")
-    report = ingest.ingest(items, label=label, source=source, client=client)
+    try:
+        if not items:
+            raise api_error(400, "no_files", EMPTY_BODY if mimetype != "multipart/form-data"
+                            else "No file was sent: attach the clips as multipart parts named "
+                            "'files' (curl -F files=@dog_bark/a.wav).")
+        report = ingest.ingest(items, label=label, source=source, client=client)
+    finally:
+        if body is not None:
+            body.close()
     return upload_report(report)
+
+
+def _has_bytes(stream: IO[bytes]) -> bool:
+    """Whether a multipart part's (seekable, spooled) stream holds anything."""
+    position = stream.tell()
+    try:
+        return bool(stream.read(1))
+    finally:
+        stream.seek(position)
 
 
 def upload_report(report: Any) -> dict[str, Any]:
@@ -268,6 +453,20 @@ def start_retrain(requested_by: str, params: dict[str, Any]) -> tuple[dict[str, 
     return jobs.request_retrain(requested_by, params)
 
 
+def require_json_or_nothing() -> None:
+    """A JSON body, or none at all (defaults). Anything else is a 415: the JSON parser reads a
+    non-JSON body as "no parameters", which would start a job the client did not describe."""
+    if request.is_json:
+        return
+    if request.content_length == 0:
+        return
+    if request.content_length is None and not request.stream.read(1):
+        return  # chunked (no Content-Length) and nothing in it
+    raise api_error(415, "unsupported_media_type",
+                    f"Send the parameters as JSON (Content-Type: application/json), or no "
+                    f"body at all for the defaults; not {request.mimetype or 'untyped bytes'}.")
+
+
 @api.get("/retrain/plan")
 @api.output(schemas.RetrainPlan)
 @api.doc(responses={503: "The database is unavailable"})
@@ -288,13 +487,15 @@ def retrain_plan():
 @api.doc(responses={
     200: "A job was already queued or running: that job (created = false)",
     400: "The body is not valid JSON", 409: "Nothing a retrain could use yet (see `plan`)",
-    422: "Bad parameters", 503: "The broker or the database is unavailable"})
+    415: "A body that is not JSON", 422: "Bad parameters",
+    503: "The broker or the database is unavailable"})
 def retrain(body: dict):
     """Start a retraining job.
 
     Fine-tune the served model on the uploads not used yet; poll the ``Location``. Only one
     job runs at a time: asking again returns the running job with status 200."""
     params = {k: v for k, v in body.items() if v is not None}
+    require_json_or_nothing()
     job, created = start_retrain(f"api:{request.remote_addr or '-'}", params)
     location = url_for("api.get_job", job_id=job["id"])
     return {"created": created, "job": job}, 202 if created else 200, {"Location": location}
@@ -380,7 +581,7 @@ def activate_version(version: str, force: bool = False) -> dict[str, Any]:
 @api.input(schemas.ActivateQuery, location="query", arg_name="query")
 @api.output(schemas.ActivateOut)
 @api.doc(responses={
-    400: "Not a valid version name", 404: "No such version",
+    404: "No such version (or not a valid version name)",
     409: "The version is rejected (use force) or corrupt"})
 def activate(version: str, query: dict):
     """Serve a version (rollback).
@@ -472,6 +673,9 @@ def readiness() -> dict[str, Any]:
                   "message": f"serving {predictor.version}" if predictor is not None
                   else (st.predictors.error or "no model loaded")},
     }
+    pointer = st.predictors.pointer
+    if pointer is not None and not pointer.ok:  # serving, but not what the pointer names
+        checks["model"] = {"ok": False, "message": pointer.message}
     for name, error in (("database", services.database_error(st.settings)),
                         ("broker", services.broker_error(st.settings))):
         checks[name] = {"ok": error is None, "message": error or "reachable"}
@@ -484,8 +688,10 @@ def readiness() -> dict[str, Any]:
 def ready():
     """Readiness.
 
-    200 when a model is loaded and the database and broker answer; 503 otherwise (a load
-    balancer should stop sending traffic here)."""
+    200 when a model is loaded, it is the version the registry's pointer names (sha256
+    verified), and the database and broker answer; 503 otherwise, with the reason ("pointer
+    unreadable", "hash mismatch", "serving an older version than the pointer names", ...): a
+    load balancer should stop sending traffic here, an operator should look."""
     result = readiness()
     if not result["ready"]:
         failing = ", ".join(f"{k}: {v['message']}" for k, v in result["checks"].items()

@@ -55,7 +55,7 @@ _senders: dict[tuple[str, str], Celery] = {}
 def celery_config(settings: Settings | None = None) -> dict[str, Any]:
     """``app.config["CELERY"]``: everything the web app, the worker and senders must agree on."""
     settings = settings or get_settings()
-    connect_timeout = float(getattr(settings, "broker_timeout_s", PUBLISH_TIMEOUT_S))
+    connect_timeout = float(settings.broker_timeout_s)
     visibility = int(settings.retrain_hard_limit_s) + VISIBILITY_SLACK_S
     config: dict[str, Any] = {
         "broker_url": settings.celery_broker,

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 STATUS_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 411: "length_required",
-    413: "too_large", 415: "unsupported_media_type", 422: "validation_error",
-    429: "too_many_requests", 500: "internal_error", 501: "not_implemented",
-    503: "unavailable",
+    413: "too_large", 414: "uri_too_long", 415: "unsupported_media_type", 417: "expectation_failed",
+    422: "validation_error", 429: "too_many_requests", 431: "headers_too_large",
+    500: "internal_error", 501: "not_implemented", 503: "unavailable",
 }
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -123,6 +123,12 @@ def register(app: APIFlask) -> None:
             message = f"{request.method} is not allowed on {request.path}."
         elif status == 400 and request.is_json and error.__class__.__name__ == "BadRequest":
             return respond(400, "invalid_json", "The request body is not valid JSON.")
+        elif status == 429:  # a rate limit (Flask-Limiter): say when to come back
+            from .security import rate_limit_message, retry_after_seconds
+
+            headers = dict(error.get_headers())
+            headers["Retry-After"] = str(retry_after_seconds())
+            return respond(429, "too_many_requests", rate_limit_message(), headers)
         code = "csrf_failed" if error.__class__.__name__ == "CSRFError" else \
             STATUS_CODES.get(status, "error")
         return respond(status, code, message, error.get_headers())

@@ -14,9 +14,12 @@ JOB_STATUSES = ("queued", "running", "succeeded", "rejected", "failed")
 
 # --------------------------------------------------------------------------- inputs
 
-class TopKQuery(Schema):
+class BatchQuery(Schema):
     top_k = Integer(load_default=3, validate=Range(1, 10),
                     metadata={"description": "How many of the best classes to list."})
+
+
+class TopKQuery(BatchQuery):
     keep = Boolean(load_default=False, metadata={
         "description": "Keep the clip for an hour and return a prediction_id, so a wrong "
         "answer can be corrected into training data (POST /predictions/<id>/feedback)."})
@@ -67,6 +70,37 @@ class PredictionOut(Schema):
     file = String(allow_none=True, metadata={"description": "The sanitised file name, if any."})
     prediction_id = String(metadata={
         "description": "With ?keep=true: the id to correct this prediction with."})
+
+
+class ErrorDetail(Schema):
+    code = String(required=True, metadata={"description": "Stable machine-readable code."})
+    message = String(required=True, metadata={"description": "What went wrong, for people."})
+
+
+class BatchResult(Schema):
+    """One file of a batch: the prediction's fields (as ``/predict`` answers them), or
+    ``file`` and ``error`` when this file could not be classified."""
+
+    file = String(allow_none=True, metadata={"description": "The sanitised file name, if any."})
+    label = String(validate=OneOf(CLASSES))
+    class_id = Integer()
+    confidence = Float()
+    probabilities = Dict(keys=String(), values=Float())
+    top_k = List(Nested(TopK))
+    model_version = String()
+    latency_ms = Float()
+    error = Nested(ErrorDetail, metadata={
+        "description": "Present instead of the prediction when this file failed."})
+
+
+class BatchPredictionOut(Schema):
+    model_version = String(required=True, metadata={
+        "description": "The one model version that answered every file of the batch."})
+    n_files = Integer(required=True)
+    n_ok = Integer(required=True)
+    n_failed = Integer(required=True)
+    results = List(Nested(BatchResult), required=True, metadata={
+        "description": "One result per file, in the order the files were sent."})
 
 
 # --------------------------------------------------------------------------- uploads

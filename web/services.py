@@ -72,6 +72,12 @@ class LivePredictorHolder:
     def loaded_at(self) -> float | None:
         return self._live.loaded_at if self._live is not None else None
 
+    @property
+    def pointer(self):
+        """The loaded model's ``PointerState`` (is it the version the pointer names, and if
+        not why), or None while no model is loaded (the model check says why)."""
+        return self._live.pointer if self._live is not None else None
+
     def refresh(self) -> None:
         """After an activation through this process: swap now, not at the next poll."""
         if self._live is not None:
@@ -102,6 +108,8 @@ class AppState:
         predictor = self.predictors.get()
         if predictor is not None:
             self.monitor.set_served_version(predictor.version)
+        pointer = self.predictors.pointer
+        self.monitor.set_pointer_state(pointer.state if pointer is not None else None)
         return predictor
 
 

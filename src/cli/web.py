@@ -50,6 +50,17 @@ def serve_environment(port: int, workers: int) -> dict[str, str]:
     return env
 
 
+def check_secrets(host: str, port: int, env: dict[str, str]) -> None:
+    """Refuse (a one-line error) to listen beyond loopback with a default or placeholder
+    secret unless allowed (``src/secret_policy.py``); warn on loopback. The bind goes into the
+    environment too, so the app factory in each worker applies the same rule."""
+    from ..secret_policy import check
+
+    for line in check(get_settings(), host):
+        typer.echo(line, err=True)
+    env["URBANSOUND_BIND"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def gunicorn_argv(host: str, port: int, workers: int, threads: int | None = None) -> list[str]:
     argv = [sys.executable, "-m", "gunicorn", "--config", str(gunicorn_config()),
             "--bind", f"{host}:{port}", "--workers", str(workers), "--chdir", str(ROOT)]
@@ -66,8 +77,12 @@ def serve(
                                 "holds one copy of the model)."),
     threads: int = typer.Option(None, min=1, help="Threads per worker (default 4)."),
 ) -> None:
-    """Run the web app (pages + REST API) under gunicorn."""
+    """Run the web app (pages + REST API) under gunicorn.
+
+    Beyond loopback (``--host 0.0.0.0``) it refuses to start with a default or placeholder
+    secret unless ``URBANSOUND_ALLOW_DEFAULT_SECRETS=true``."""
     env = serve_environment(port, workers)
+    check_secrets(host, port, env)
     argv = gunicorn_argv(host, port, workers, threads)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -137,6 +152,10 @@ def startup_report(settings: Settings | None = None) -> list[str]:
     try:
         version, _ = registry.current(settings.models_dir)
         model = f"serving {version} (from {settings.models_dir})"
+        check = registry.check_pointer(settings.models_dir)
+        if not check.ok:
+            model += (f"; the pointer cannot be trusted ({check.message}): /api/v1/ready says "
+                      "not ready until `urbansound models activate VERSION` fixes it")
     except registry.RegistryError as exc:
         model = (f"none — {exc.message} The app starts anyway; /api/v1/ready says 'not ready' "
                  "until a model exists (`urbansound train`).")
@@ -188,9 +207,14 @@ def up(
     """Embedded default: migrate the database, run the web app and a Celery worker.
 
     Ctrl-C (or SIGTERM) stops both: gunicorn gracefully, Celery with a warm shutdown, then
-    anything still running after 15 s is killed (a second Ctrl-C kills at once)."""
+    anything still running after 15 s is killed (a second Ctrl-C kills at once). Beyond
+    loopback it refuses default or placeholder secrets, as ``serve`` does."""
+    from ..secret_policy import check
+
+    check(get_settings(), host)  # before anything is migrated or started
     _prepare()
     env = serve_environment(port, workers)
+    check_secrets(host, port, env)
     commands = {"web": gunicorn_argv(host, port, workers)}
     if not no_worker:
         commands["worker"] = [sys.executable, "-m", "src.cli", "worker"]

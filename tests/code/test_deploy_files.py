@@ -449,7 +449,9 @@ def test_gunicorn_config_sizes_torch_threads_to_the_cores(monkeypatch) -> None:
     from types import SimpleNamespace
 
     conf = load_conf(monkeypatch, URBANSOUND_CPU_CORES="8", URBANSOUND_WEB_WORKERS="2")
-    assert conf["workers"] == 2 and conf["worker_class"] == "gthread"
+    assert conf["workers"] == 2
+    # gthread, as the subclass whose own errors (414, 431, 400) are the API's JSON envelope
+    assert conf["worker_class"] == "web.gunicorn_worker.ThreadWorker"
     assert conf["preload_app"] is False
     assert conf["keepalive"] > 60, "gunicorn must outlast nginx's upstream keepalive (60 s)"
     assert conf["max_requests"] > 0 and 0 < conf["max_requests_jitter"] < conf["max_requests"]
@@ -536,3 +538,40 @@ def test_cpu_budget_per_replica() -> None:
     assert [workers_per_replica(n, 2) for n in (1, 2, 4)] == [2, 1, 1]
     assert [torch_threads(n, workers_per_replica(n, 2), 2) for n in (1, 2, 4)] == [1, 1, 1]
     assert workers_per_replica(2, 16) == 8 and torch_threads(2, 2, 16) == 4
+
+
+def test_gunicorn_error_pages_become_the_json_envelope() -> None:
+    """The worker's socket wrapper turns gunicorn's own HTML error page (``write_error``,
+    byte for byte as gunicorn writes it) into the API's envelope; other bytes pass through.
+    (tests/integration/test_edge_errors.py shows it on a real gunicorn and nginx.)"""
+    from gunicorn import util
+
+    from web.gunicorn_worker import _JsonErrorSocket
+
+    class Sink:
+        data = b""
+
+        def sendall(self, data: bytes) -> None:
+            self.data += data
+
+        def gettimeout(self) -> float:
+            return 0.0
+
+    for status, reason, mesg, code in (
+            (414, "URI Too Long", "Request Line is too large (100017 > 8190)", "uri_too_long"),
+            (431, "Request Header Fields Too Large", "Error parsing headers: 'x'",
+             "headers_too_large"),
+            (400, "Bad Request", "Invalid Request Line 'a <b>'", "bad_request"),
+            (500, "Internal Server Error", "", "internal_error")):
+        sink = Sink()
+        util.write_error(_JsonErrorSocket(sink), status, reason, mesg)
+        head, _, body = sink.data.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} {reason}\r\n".encode())
+        assert b"Content-Type: application/json" in head
+        assert f"Content-Length: {len(body)}".encode() in head
+        error = json.loads(body)["error"]
+        assert error["code"] == code
+        assert (mesg in error["message"]) if status != 500 else "our side" in error["message"]
+    sink = Sink()
+    _JsonErrorSocket(sink).sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<p>")
+    assert sink.data.endswith(b"<p>")

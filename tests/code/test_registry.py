@@ -249,6 +249,37 @@ def test_corrupt_or_missing_pointer_falls_back_with_a_log_line(tmp_path, models,
         registry.current(models)
 
 
+def test_a_file_changed_after_activation_is_never_served(tmp_path, models, caplog):
+    """The pointer records the file's sha256: a valid checkpoint copied over the served one
+    (same name, other weights) is neither followed nor picked by the fallback."""
+    publish(tmp_path, models, "v1")
+    publish(tmp_path, models, "v2", seed=1)
+    registry.activate("v1", models_dir=models)
+    registry.activate("v2", models_dir=models)
+    caplog.set_level(logging.WARNING, logger="src.registry")
+    impostor = make_ckpt(tmp_path / "impostor", "v2", seed=7)
+    os.replace(impostor, models / "v2.pt")
+
+    check = registry.check_pointer(models)
+    assert check.state == "hash_mismatch" and "v2.pt has sha256" in check.message
+    assert registry.current(models) == ("v1", models / "v1.pt")
+    assert "no longer matches the sha256" in caplog.text and "serving v1 instead" in caplog.text
+    registry.activate("v1", models_dir=models)  # an operator's fix
+    assert registry.check_pointer(models).ok
+
+
+@pytest.mark.parametrize("pointer", [b"", b"garbage", b"[]", b'{"version": 3}',
+                                     b'{"version": "../etc/passwd", "sha256": "00"}',
+                                     b'{"version": "v1"}'])
+def test_an_unreadable_pointer_is_reported_as_such(tmp_path, models, pointer):
+    publish(tmp_path, models, "v1")
+    registry.activate("v1", models_dir=models)
+    (models / registry.POINTER).write_bytes(pointer)
+    check = registry.check_pointer(models)
+    assert check.state == "unreadable" and "CURRENT is unreadable" in check.message
+    assert registry.current(models)[0] == "v1"  # the last activated file, still intact
+
+
 # --------------------------------------------------------------------------- reject, rollback
 
 def test_reject(tmp_path, models, caplog):

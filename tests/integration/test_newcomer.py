@@ -650,7 +650,7 @@ def with_data(tmp_path_factory) -> Run:
     assert done.returncode == 0, f"data import failed:\n{done.stdout}\n{done.stderr}"
     imported = [p for p in (clone / "data").rglob("*.flac")]
     assert imported, f"`data import` put no clips under the clone's data/:\n{done.stdout}"
-    assert imported[0].stat().st_nlink > 1, "the clips were copied, not hard-linked"
+    # hard links where ../shared shares the file system (no extra disk), copies where not
     print(f"[newcomer] imported {len(imported)} clips in {time.monotonic() - started:.0f} s")
     # The one setting changed from the defaults, only to bound CI time: a retrain mixes a
     # fixed-seed sample of 150 base clips (default 1500) with the uploads.
