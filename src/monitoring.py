@@ -132,6 +132,14 @@ def get_metrics(state_dir: Path, started_at: float | None = None) -> Metrics:
         return _metrics
 
 
+def _move_worker(gauge: Any, old: str | None, new: str | None) -> None:
+    """In a gauge that counts workers per label, this worker leaves ``old`` for ``new``."""
+    if old is not None:
+        gauge.labels(old).set(0)
+    if new is not None:
+        gauge.labels(new).set(1)
+
+
 class Monitor:
     """The web layer's handle on production metrics.
 
@@ -168,27 +176,19 @@ class Monitor:
         """This worker now serves ``version`` (the gauge counts workers per version)."""
         m = self.metrics
         with _lock:
-            if version == m.served_version:
-                return
-            if m.served_version is not None:
-                m.served.labels(m.served_version).set(0)
-            if version is not None:
-                m.served.labels(version).set(1)
-            m.served_version = version
+            if version != m.served_version:
+                _move_worker(m.served, m.served_version, version)
+                m.served_version = version
 
     def set_pointer_state(self, state: str | None) -> None:
         """This worker's model-pointer state (``prediction.PointerState.state``; None while no
         model is loaded): one worker counted per state, and the problem flag."""
         m = self.metrics
         with _lock:
-            if state == m.pointer:
-                return
-            if m.pointer is not None:
-                m.pointer_state.labels(m.pointer).set(0)
-            if state is not None:
-                m.pointer_state.labels(state).set(1)
-            m.pointer_problem.set(0 if state in (None, "ok") else 1)
-            m.pointer = state
+            if state != m.pointer:
+                _move_worker(m.pointer_state, m.pointer, state)
+                m.pointer_problem.set(0 if state in (None, "ok") else 1)
+                m.pointer = state
 
     # ------------------------------------------------------------------ reading
 

@@ -63,6 +63,18 @@ def build_registry(checkpoint: dict, root: Path) -> Path:
     return models
 
 
+def app_env(state: Path, models: Path, data: Path, **extra: str) -> dict[str, str]:
+    """The environment a test server (``Gunicorn``) runs the app with: its own state folder and
+    SQLite database, the given registry and data, the test token, one torch thread."""
+    return {
+        "URBANSOUND_STATE_DIR": str(state), "URBANSOUND_MODELS_DIR": str(models),
+        "URBANSOUND_DATA_DIR": str(data), "URBANSOUND_DATABASE_URL": "",
+        "URBANSOUND_BROKER_URL": "", "URBANSOUND_RESULT_BACKEND": "",
+        "URBANSOUND_API_TOKEN": TOKEN, "URBANSOUND_TORCH_THREADS": "1",
+        "URBANSOUND_MODEL_POLL_S": "0.5", "URBANSOUND_ACCESS_LOG": "", **extra,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

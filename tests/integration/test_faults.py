@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from web_helpers import TOKEN, Gunicorn, build_registry, tone
+from web_helpers import TOKEN, Gunicorn, app_env, build_registry, tone
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -43,14 +43,7 @@ def server_env(quick_model, synthetic_data, tmp_path):
 
     models = build_registry(quick_model.checkpoint, tmp_path)
     state = tmp_path / "var"
-    env = {
-        "URBANSOUND_STATE_DIR": str(state), "URBANSOUND_MODELS_DIR": str(models),
-        "URBANSOUND_DATA_DIR": str(synthetic_data), "URBANSOUND_DATABASE_URL": "",
-        "URBANSOUND_BROKER_URL": "", "URBANSOUND_RESULT_BACKEND": "",
-        "URBANSOUND_API_TOKEN": TOKEN, "URBANSOUND_TORCH_THREADS": "1",
-        "URBANSOUND_MODEL_POLL_S": "0.5", "URBANSOUND_ACCESS_LOG": "",
-        "URBANSOUND_RATE_LIMITS": "false",
-    }
+    env = app_env(state, models, synthetic_data, URBANSOUND_RATE_LIMITS="false")
     db.upgrade(f"sqlite:///{state / 'urbansound.db'}")
     return tmp_path, models, state, env
 

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import requests
-from web_helpers import TOKEN, Gunicorn
+from web_helpers import Gunicorn, app_env
 
 pytestmark = pytest.mark.integration
 CLIENTS = 3
@@ -46,13 +46,7 @@ def swap_env(quick_model, synthetic_data, tmp_path_factory):
         registry.publish(path, ckpt["version"], models_dir=models)
     registry.activate("swap-1", models_dir=models)
     state = root / "var"
-    env = {
-        "URBANSOUND_STATE_DIR": str(state), "URBANSOUND_MODELS_DIR": str(models),
-        "URBANSOUND_DATA_DIR": str(synthetic_data), "URBANSOUND_DATABASE_URL": "",
-        "URBANSOUND_BROKER_URL": "", "URBANSOUND_RESULT_BACKEND": "",
-        "URBANSOUND_API_TOKEN": TOKEN, "URBANSOUND_TORCH_THREADS": "1",
-        "URBANSOUND_MODEL_POLL_S": "0.5", "URBANSOUND_ACCESS_LOG": "",
-    }
+    env = app_env(state, models, synthetic_data)
     db.upgrade(f"sqlite:///{state / 'urbansound.db'}")
     return root, models, env
 
