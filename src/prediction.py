@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,7 +161,8 @@ class LivePredictor:
     a missing or corrupt file) the model already loaded keeps answering and ``pointer`` says
     why, until the pointer or the file is fixed (both are watched)."""
 
-    def __init__(self, models_dir: Path, poll_s: float = 0.5, optimise: bool = True):
+    def __init__(self, models_dir: Path, poll_s: float = 0.5, optimise: bool = True,
+                 watch: bool = False):
         from . import registry
 
         self._registry = registry
@@ -181,6 +183,10 @@ class LivePredictor:
         self.loaded_at = time.time()
         self.pointer = self._judge(check, error)
         self._signature = (signature, self._served_stat())
+        if watch:  # requests look at the pointer too, but a server worker no client reaches
+            # (keep-alive connections pin clients to workers) must still follow a promotion
+            threading.Thread(target=_watch, args=(weakref.ref(self),), name="model-watch",
+                             daemon=True).start()
 
     def get(self) -> Predictor:
         """The predictor to use for this request; the pointer is looked at (two stat calls and
@@ -274,3 +280,16 @@ class LivePredictor:
 
     def predict(self, source: AudioSource, top_k: int = 3) -> Prediction:
         return self.get().predict(source, top_k)
+
+
+def _watch(ref: weakref.ref[LivePredictor]) -> None:
+    """Look at the pointer every ``poll_s`` for as long as the predictor lives (only stat
+    calls here: a load runs in its own, non-daemon thread, so exit never cuts one short)."""
+    while (live := ref()) is not None:
+        poll_s = live.poll_s
+        try:
+            live.get()
+        except Exception:  # never let the watcher die; requests still check as well
+            log.exception("model pointer check failed")
+        del live
+        time.sleep(poll_s)

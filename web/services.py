@@ -56,7 +56,7 @@ class LivePredictorHolder:
         from src.prediction import LivePredictor
 
         try:
-            self._live = LivePredictor(self.models_dir, self.poll_s)
+            self._live = LivePredictor(self.models_dir, self.poll_s, watch=True)
             self.error = None
             log.info("serving model %s from %s", self._live.current.version, self.models_dir)
         except Exception as exc:  # any failure to load means "not ready", never a crash
