@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, NamedTuple, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
@@ -473,29 +473,41 @@ def ingest(
 
 # --------------------------------------------------------------------------- retraining
 
-def _unused_query() -> sa.Select:
-    succeeded = sa.select(TrainingJob.id).where(TrainingJob.status == JobStatus.succeeded)
-    return (
-        sa.select(UploadedClip)
-        .where(sa.or_(UploadedClip.used_in_job_id.is_(None),
-                      UploadedClip.used_in_job_id.not_in(succeeded)),
-               sa.or_(UploadedClip.role.is_(None), UploadedClip.role != ClipRole.test))
-        .order_by(UploadedClip.id)
-    )
+class UploadSplit(NamedTuple):
+    """Accepted uploads as the served model sees them."""
+
+    new: list[UploadedClip]  # waiting to be learnt
+    learnt: list[UploadedClip]  # learnt by the served model or one of its ancestors
+    held: list[UploadedClip]  # held out as the quality gate's test set: never trained on
 
 
-def unused_clips(session: Session, limit: int | None = None) -> list[UploadedClip]:
-    """Accepted clips no successful retrain has absorbed yet (failed or rejected jobs do not
-    count: their model was never served, so the data still waits to be learnt). Clips held
-    out as the gate's test set never train, so they never wait."""
-    query = _unused_query()
-    if limit is not None:
-        query = query.limit(limit)
-    return list(session.scalars(query))
+def split_uploads(session: Session, lineage: Iterable[str]) -> UploadSplit:
+    """The one rule for "learnt": a clip is learnt when a succeeded job that trained on it
+    produced the served model or one of its ancestors (``lineage``). After a rollback, what
+    only the abandoned versions learnt is new again, so the next retrain teaches it to the
+    model now served; failed or rejected jobs never count (their model was never served)."""
+    in_line = set(lineage)
+    learnt_in_line = {job_id for job_id, version in session.execute(
+        sa.select(TrainingJob.id, TrainingJob.result_version)
+        .where(TrainingJob.status == JobStatus.succeeded)) if version in in_line}
+    split = UploadSplit([], [], [])
+    for r in session.scalars(sa.select(UploadedClip).order_by(UploadedClip.id)):
+        if r.role == ClipRole.test:
+            split.held.append(r)
+        elif r.used_in_job_id in learnt_in_line:
+            split.learnt.append(r)
+        else:
+            split.new.append(r)
+    return split
 
 
-def count_unused(session: Session) -> int:
-    return session.scalar(sa.select(sa.func.count()).select_from(_unused_query().subquery())) or 0
+def unused_clips(session: Session, lineage: Iterable[str]) -> list[UploadedClip]:
+    """Accepted clips the served model has not learnt yet (``split_uploads``'s rule)."""
+    return split_uploads(session, lineage).new
+
+
+def count_unused(session: Session, lineage: Iterable[str]) -> int:
+    return len(unused_clips(session, lineage))
 
 
 def mark_used(session: Session, clip_ids: Iterable[int], job_id: str) -> int:
@@ -579,8 +591,10 @@ def get_upload(session: Session, upload_id: int) -> dict[str, Any] | None:
     return out
 
 
-def upload_stats(session: Session) -> dict[str, Any]:
-    """Counts for the UI and ``urbansound data stats``: per class, and how many wait."""
+def upload_stats(session: Session, lineage: Iterable[str]) -> dict[str, Any]:
+    """Counts for the UI and ``urbansound data stats``: per class, and how many wait to be
+    learnt by the served model (whose ``lineage`` the caller gives: the same rule as the
+    retrain plan, so the two never disagree)."""
     per_class = dict(session.execute(
         sa.select(UploadedClip.label, sa.func.count()).group_by(UploadedClip.label)
         .order_by(UploadedClip.label)
@@ -592,7 +606,7 @@ def upload_stats(session: Session) -> dict[str, Any]:
     return {
         "n_uploads": session.scalar(sa.select(sa.func.count()).select_from(Upload)) or 0,
         "n_clips": sum(per_class.values()),
-        "n_unused": count_unused(session),
+        "n_unused": count_unused(session, lineage),
         "per_class": per_class,
         "rejects": rejects,
     }

@@ -639,6 +639,16 @@ def lineage(version: str, models_dir: Path | None = None) -> list[str]:
     return chain
 
 
+def served_lineage(models_dir: Path | None = None) -> list[str]:
+    """The served version and its ancestors; empty when nothing is served (every upload is
+    then new: there is no model that learnt it)."""
+    try:
+        version, _ = current(models_dir)
+    except UserError:
+        return []
+    return lineage(version, models_dir)
+
+
 def serve(version: str, *, force: bool = False, models_dir: Path | None = None,
           db_url: str | None = None) -> dict[str, Any]:
     """The one way a person or a program changes the served model (API, pages, CLI alike):

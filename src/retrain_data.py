@@ -29,12 +29,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
 from .datasets import Clip
-from .db import ClipRole, JobStatus, TrainingJob, UploadedClip, session_scope
+from .db import ClipRole, UploadedClip, session_scope
 from .errors import UserError
-from .ingest import clips_as_dataset, upload_group
+from .ingest import clips_as_dataset, split_uploads, upload_group
 from .settings import Settings, get_settings
 from .testset import RetrainError, TestSet, file_sha256, fixed_test, spec_for, spec_of
 
@@ -57,31 +55,7 @@ class RetrainData:
     dropped: int = 0  # uploads left out because they belong to the test set
 
 
-# --------------------------------------------------------------------------- the data set
-
 # --------------------------------------------------------------------------- uploads
-
-def _uploads(session: Any, lineage: list[str]
-             ) -> tuple[list[UploadedClip], list[UploadedClip], list[UploadedClip]]:
-    """(new, learnt, held out) accepted uploads. Learnt means learnt by the served model or
-    one of its ancestors (``lineage``): after a rollback, what only the abandoned versions
-    learnt is new again, so the next retrain teaches it to the model now served."""
-    learnt_by = dict(session.execute(
-        sa.select(TrainingJob.id, TrainingJob.result_version)
-        .where(TrainingJob.status == JobStatus.succeeded)).all())
-    in_line = set(lineage)
-    new: list[UploadedClip] = []
-    learnt: list[UploadedClip] = []
-    held: list[UploadedClip] = []
-    for r in session.scalars(sa.select(UploadedClip).order_by(UploadedClip.id)):
-        if r.role == ClipRole.test:
-            held.append(r)
-        elif learnt_by.get(r.used_in_job_id) in in_line:
-            learnt.append(r)
-        else:
-            new.append(r)
-    return new, learnt, held
-
 
 def _hold_out(unused: list[UploadedClip], used: list[UploadedClip], held: list[UploadedClip]
               ) -> set[int]:
@@ -114,7 +88,7 @@ def _resolve(session: Any, spec: dict[str, Any], lineage: list[str], settings: S
     """The data of a retrain, and what is missing (a retrain may run only when nothing is);
     with ``commit_roles`` the held-out slice is recorded (flushed; the caller commits). Third
     item: the unused uploads (before the hold-out)."""
-    unused, used, held = _uploads(session, lineage)
+    unused, used, held = split_uploads(session, lineage)
     fixed = fixed_test(spec, settings.data_dir)
     missing: list[dict[str, str]] = []
     hold: set[int] = set()

@@ -193,8 +193,10 @@ def get_upload(upload_id: int) -> dict[str, Any] | None:
 def upload_stats() -> dict[str, Any]:
     from src import ingest
     from src.db import session_scope
+    from src.registry import served_lineage
 
-    with session_scope(state().settings.db_url) as session:
-        return ingest.upload_stats(session)
+    settings = state().settings
+    with session_scope(settings.db_url) as session:
+        return ingest.upload_stats(session, served_lineage(settings.models_dir))
 
 

@@ -27,10 +27,12 @@ from src import db
 from src.ingest import (
     IngestError,
     clips_as_dataset,
+    count_unused,
     find_orphans,
     ingest,
     mark_used,
     unused_clips,
+    upload_stats,
 )
 from src.jobs import get_or_create_job
 from src.preprocessing import CLASSES
@@ -127,7 +129,7 @@ def test_real_clips_are_stored_and_recorded(db_url, tmp_path, real_clips):
     assert all(c.upload_id == upload.id and c.used_in_job_id is None for c in clips)
 
     with db.session_scope(db_url) as session:
-        waiting = unused_clips(session)
+        waiting = unused_clips(session, lineage=[])  # no model served: all are new
         dataset = clips_as_dataset(waiting, settings.uploads_dir)
     assert len(dataset) == 8
     for clip in dataset:
@@ -137,22 +139,33 @@ def test_real_clips_are_stored_and_recorded(db_url, tmp_path, real_clips):
 
 
 def test_unused_and_mark_used(db_url, tmp_path, real_clips):
+    """"Learnt" means learnt by the served model or an ancestor: a failed job absorbs
+    nothing, a succeeded one absorbs its clips while its version is in the served line, and
+    after a rollback past it they wait again (the same rule the retrain plan uses)."""
     settings = settings_for(tmp_path, db_url)
     items = [(f"{label}/{p.name}", p.read_bytes()) for label, p in real_clips[:4]]
     ingest(items, source="api", client="token-a", settings=settings)
+    served = ["v-new", "v-base"]
     with db.session_scope(db_url) as session:
         failed, _ = get_or_create_job(session)
         failed.status = "failed"
+        failed.result_version = "v-new"
         session.commit()
-        ids = [c.id for c in unused_clips(session)]
+        ids = [c.id for c in unused_clips(session, served)]
         assert mark_used(session, ids[:2], failed.id) == 2
     with db.session_scope(db_url) as session:
-        assert len(unused_clips(session)) == 4  # a failed job absorbed nothing
+        assert len(unused_clips(session, served)) == 4  # a failed job absorbed nothing
         job, _ = get_or_create_job(session)
         assert mark_used(session, ids[:3], job.id) == 3
         job.status = "succeeded"
+        job.result_version = "v-new"
     with db.session_scope(db_url) as session:
-        assert [c.id for c in unused_clips(session)] == ids[3:]
+        assert [c.id for c in unused_clips(session, served)] == ids[3:]
+        assert count_unused(session, served) == 1
+        assert upload_stats(session, served)["n_unused"] == 1
+        # rolled back to v-base: what only v-new learnt is new again
+        assert [c.id for c in unused_clips(session, ["v-base"])] == ids
+        assert upload_stats(session, ["v-base"])["n_unused"] == 4
 
 
 def test_label_override_and_name_only_uploads(db_url, tmp_path, real_clips):

@@ -59,7 +59,7 @@ def upload(stack: cw.Stack, rows: list[dict], label: str | None = None) -> int:
 
 def unused(stack: cw.Stack) -> int:
     with db.session_scope(stack.db_url) as s:
-        return count_unused(s)
+        return count_unused(s, registry.served_lineage(stack.models_dir))
 
 
 def served_state(stack: cw.Stack) -> tuple:
@@ -351,7 +351,8 @@ def test_redis_down_fails_fast_and_keeps_uploads(clean, monkeypatch):
     with db.session_scope(clean.db_url) as s:
         from src.ingest import clips_as_dataset, unused_clips
 
-        assert len(clips_as_dataset(unused_clips(s), settings.uploads_dir)) == n
+        waiting = unused_clips(s, registry.served_lineage(clean.models_dir))
+        assert len(clips_as_dataset(waiting, settings.uploads_dir)) == n
     failed = jobs.get_job(err.value.job["id"])
     assert failed["status"] == "failed" and failed["error"] == message  # it blocks nothing
     assert served_state(clean) == before
