@@ -67,6 +67,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     if test_config:
         app.config.update(test_config)
 
+    _route_logs_to_gunicorn()
     secret_policy.enforce(settings)  # default secrets: refused beyond loopback, else a warning
     started = time.time()
     app.extensions["urbansound"] = services.AppState(
@@ -82,6 +83,22 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     if app.config["CELERY_INIT"]:
         _init_celery(app, settings)
     return app
+
+
+def _route_logs_to_gunicorn() -> None:
+    """Under gunicorn, send our own loggers' records (model loads and swaps, pointer problems,
+    secret warnings) to gunicorn's error log with its format and level. Without this, Python's
+    last-resort handler prints warnings bare and drops every info line, so a swap that went
+    wrong could not be read from the server log. Outside gunicorn nothing changes."""
+    server = logging.getLogger("gunicorn.error")
+    if not server.handlers:
+        return
+    for name in ("src", "web"):
+        ours = logging.getLogger(name)
+        if not ours.handlers:
+            ours.handlers = list(server.handlers)
+            ours.setLevel(server.level)
+            ours.propagate = False
 
 
 def _register_blueprints(app: APIFlask) -> None:

@@ -120,6 +120,9 @@ def test_swap_under_load_fails_nothing(swap_env, synthetic_data):
     failed = [r for r in results if r["status"] != 200]
     assert not failed, failed[:5]
     assert len(results) > 50, f"only {len(results)} requests: {log}"
+    # src's own log lines reach gunicorn's log (a swap can be read from the server log)
+    server_log = (root / "gunicorn.log").read_text(errors="replace")
+    assert "now serving model swap-2" in server_log, log
 
     for r in results:  # each response names the version that computed it
         assert r["version"] in expected
