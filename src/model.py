@@ -38,6 +38,11 @@ from .preprocessing import (
 )
 
 CHECKPOINT_FORMAT = "urbansound-ckpt/1"
+#: How the last feature map is summarised over frequency. "mean" (the original head) averages
+#: the bands away; "bands" keeps each of the n_mels/8 bands, so the head can tell where in the
+#: spectrum energy sits — what separates air conditioners, idling engines and jackhammers,
+#: whose textures are alike and whose spectral envelopes are not.
+FREQ_POOLS = ("mean", "bands")
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -53,9 +58,13 @@ class AudioCNN(nn.Module):
         self, n_classes: int = len(CLASSES), widths: tuple[int, ...] = (16, 32, 64, 128),
         dropout: float = 0.3, config: FeatureConfig | None = None,
         mean: np.ndarray | None = None, std: np.ndarray | None = None,
+        freq_pool: str = "mean",
     ):
         super().__init__()
+        if freq_pool not in FREQ_POOLS:
+            raise ValueError(f"freq_pool must be one of {FREQ_POOLS}, not {freq_pool!r}")
         self.config = config or FeatureConfig()
+        self.freq_pool = freq_pool
         n_mels = self.config.n_mels
         self.logmel = LogMel(self.config)
         self.standardise = Standardise(
@@ -70,7 +79,8 @@ class AudioCNN(nn.Module):
             *conv_bn(w3, w4), *conv_bn(w4, w4),
         )
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * w4, n_classes)
+        bands = n_mels // 8 if freq_pool == "bands" else 1  # three 2x2 max-pools
+        self.head = nn.Linear(2 * w4 * bands, n_classes)
         # channels-last lets oneDNN pick its fast conv/pool kernels: ~3x faster training and
         # ~25% faster inference on CPU than the default NCHW layout.
         # torch's stubs omit Module.to's memory_format keyword (documented, and it works)
@@ -82,8 +92,10 @@ class AudioCNN(nn.Module):
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x.contiguous(memory_format=torch.channels_last))
-        h = h.mean(dim=2)  # pool frequency: the convolutions already aligned the bands
-        h = torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)  # sustained + transient evidence
+        if self.freq_pool == "mean":
+            h = h.mean(dim=2)  # pool frequency: the convolutions already aligned the bands
+        # sustained + transient evidence over time; with "bands", per frequency band
+        h = torch.cat([h.mean(dim=-1), h.amax(dim=-1)], dim=1).flatten(1)
         return self.head(self.dropout(h))
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
@@ -96,6 +108,7 @@ def build_model(ckpt: dict) -> AudioCNN:
     model = AudioCNN(
         n_classes=len(ckpt["classes"]), widths=tuple(ckpt["arch"]["widths"]),
         dropout=ckpt["arch"]["dropout"], config=FeatureConfig.from_dict(ckpt["feature_config"]),
+        freq_pool=ckpt["arch"].get("freq_pool", "mean"),  # older checkpoints: the mean head
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -117,6 +130,7 @@ def make_checkpoint(
             "name": "AudioCNN",
             "widths": list(widths or _widths(model)),
             "dropout": float(dropout if dropout is not None else model.dropout.p),
+            "freq_pool": model.freq_pool,
         },
         "norm_mean": model.standardise.mean.flatten().tolist(),
         "norm_std": model.standardise.std.flatten().tolist(),
@@ -180,6 +194,9 @@ class TrainConfig:
     distill_weight: float = 0.7  # with teachers: share of the loss that is their soft targets
     distill_temperature: float = 2.0
     class_weighting: bool = True
+    freq_pool: str = "mean"  # see FREQ_POOLS
+    eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
+    band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
     extra: dict = field(default_factory=dict)
 
 
@@ -263,7 +280,7 @@ def train_epoch(model: AudioCNN, train_x: torch.Tensor, targets: torch.Tensor,
             wave = augment_waveforms(wave, gen, noise_pool)
         x = model.features(wave)
         if cfg.specaugment:
-            x = spec_augment(x, gen)
+            x = spec_augment(x, gen, max_band_shift=cfg.band_shift, eq_std=cfg.eq_std)
         y = F.one_hot(targets[idx], n_classes).float()
         if cfg.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < cfg.mixup_prob:
             x, y = mixup(x, y, gen, cfg.mixup_alpha)
@@ -372,4 +389,5 @@ def new_model(train_x: torch.Tensor, cfg: TrainConfig, config: FeatureConfig) ->
         logmels = torch.cat([probe.logmel(train_x[i : i + 256])
                              for i in range(0, len(train_x), 256)])
     mean, std = band_statistics(logmels)
-    return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std)
+    return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std,
+                    freq_pool=cfg.freq_pool)

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+POOLING = {"bands": "; a head that keeps each frequency band instead of averaging them"}
+
 
 def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, int, float]]:
     """(true, predicted, count, share of the true class) for the largest off-diagonal cells."""
@@ -28,8 +30,58 @@ def _distillation(data: dict[str, Any]) -> str:
             f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
 
 
-def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = None) -> str:
-    """``notes``: further limits known to whoever trained the model (one bullet each)."""
+def validation_section(summary: dict[str, Any]) -> list[str]:
+    """The validation protocol's figures (``crossval.grouped_cv`` or ``crossval.official``
+    output): mean ± std over its folds, each fold's row, and which clips it used."""
+    if summary["protocol"] == "official":
+        used = f"train on all other folds, test on each of folds {summary.get('test_folds')}"
+    else:
+        used = (f"recording-grouped, class-stratified folds over the training folds only "
+                f"(test fold(s) {summary.get('excluded_folds')} never read)")
+    lines = [
+        f"## Validation protocol ({summary['protocol']})",
+        "",
+        f"The recipe (not this network: each fold trains its own) on `{summary['data']}`: "
+        f"{used}; {summary['n']} clips scored in all.",
+        "",
+        f"accuracy **{summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}**, "
+        f"macro-F1 **{summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}** "
+        "(mean ± sample std over folds).",
+        "",
+        "| fold | clips | accuracy | macro-F1 |",
+        "|---|---|---|---|",
+        *(f"| {r['fold']} | {r['n']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
+          for r in summary["per_fold"]),
+    ]
+    return lines
+
+
+def seeds_section(runs: list[dict[str, Any]], folds: Any) -> list[str]:
+    """Every run of the recipe that differs only in its seed, with its test-fold scores:
+    the spread a single figure hides."""
+    accs = [r["accuracy"] for r in runs]
+    f1s = [r["macro_f1"] for r in runs]
+    mean_acc, mean_f1 = float(np.mean(accs)), float(np.mean(f1s))
+    spread = f" (std {float(np.std(accs, ddof=1)):.3f})" if len(runs) > 1 else ""
+    return [
+        "## Seeds",
+        "",
+        f"The same recipe trained with {len(runs)} seeds, each tested on folds {folds}: "
+        f"mean accuracy **{mean_acc:.3f}**{spread}, mean macro-F1 **{mean_f1:.3f}**.",
+        "",
+        "| seed | version | accuracy | macro-F1 |",
+        "|---|---|---|---|",
+        *(f"| {r['seed']} | `{r['version']}` | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |"
+          for r in runs),
+    ]
+
+
+def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = None,
+           validation: dict[str, Any] | None = None,
+           seed_runs: list[dict[str, Any]] | None = None) -> str:
+    """``notes``: further limits known to whoever trained the model (one bullet each);
+    ``validation``: a cross-validation summary of the recipe; ``seed_runs``: the recipe's
+    runs by seed (``seed``, ``version``, ``accuracy``, ``macro_f1``)."""
     m, data = ckpt["metrics"], ckpt.get("data", {})
     cfg, arch = ckpt["feature_config"], ckpt["arch"]
     train, val, test = data.get("train", {}), data.get("validation", {}), data.get("test", {})
@@ -40,7 +92,8 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         f"# Model card — `{ckpt['version']}`",
         "",
         f"{arch['name']} ({n_params:,} parameters; conv widths {arch['widths']}, dropout "
-        f"{arch['dropout']}) classifying 4-second clips into the ten UrbanSound8K classes from "
+        f"{arch['dropout']}{POOLING.get(arch.get('freq_pool', 'mean'), '')}) classifying"
+        f" 4-second clips into the ten UrbanSound8K classes from "
         f"{cfg['n_mels']}-band log-mel spectrograms ({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "
         f"hop {cfg['hop_length']}). Created {ckpt['created_at']}; parent: "
         f"{ckpt.get('parent') or 'none (trained from scratch)'}.",
@@ -74,6 +127,10 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
     for name, s in m["per_class"].items():
         lines.append(f"| {name} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} | "
                      f"{s['support']} |")
+    if seed_runs:
+        lines += ["", *seeds_section(seed_runs, test.get("folds", "?"))]
+    if validation:
+        lines += ["", *validation_section(validation)]
     worst = sorted(m["per_class"].items(), key=lambda kv: kv[1]["f1"])[:3]
     lines += [
         "",

@@ -44,6 +44,18 @@ class Split:
         return cls(loaded.clips, torch.from_numpy(loaded.waveforms),
                    encode_labels([c.label for c in loaded.clips]))
 
+    def subset(self, idx: np.ndarray | list[int]) -> Split:
+        """The clips at ``idx``, sharing nothing the caller could mutate by accident."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split([self.clips[i] for i in idx], self.x[torch.from_numpy(idx)], self.y[idx])
+
+
+def hold_out_validation(clips: list[Clip], fraction: float = 0.15, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) inside a training side, whole recordings on one side."""
+    labels = encode_labels([c.label for c in clips])
+    return group_split(labels, np.array([c.group for c in clips]), fraction, seed)
+
 
 def split_clips(
     data_dir: Path, test_folds: set[int] | None, val_fraction: float = 0.15, seed: int = 0
@@ -63,14 +75,12 @@ def split_clips(
             f"test = {data_dir / 'test'}"
     else:
         clips = read_dataset(data_dir)
-        labels = encode_labels([c.label for c in clips])
-        keep, hold = group_split(labels, np.array([c.group for c in clips]), 0.2, seed)
+        keep, hold = hold_out_validation(clips, 0.2, seed)
         train, test = [clips[i] for i in keep], [clips[i] for i in hold]
         how = "test = a 20% recording-grouped split"
     if not train or not test:
         raise DatasetError(f"{data_dir}: the split left no training or no test clips ({how}).")
-    labels = encode_labels([c.label for c in train])
-    keep, hold = group_split(labels, np.array([c.group for c in train]), val_fraction, seed)
+    keep, hold = hold_out_validation(train, val_fraction, seed)
     return [train[i] for i in keep], [train[i] for i in hold], test, how
 
 
@@ -97,12 +107,7 @@ def train(
     tr = Split.load(train_clips, config, cache_dir, progress)
     va = Split.load(val_clips, config, cache_dir, progress)
     te = Split.load(test_clips, config, cache_dir, progress)
-    model = new_model(tr.x, cfg, config)
-    teacher = (Teachers([build_model(t) for t in teachers], model, cfg.distill_temperature)
-               if teachers else None)
-    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
-                  teachers=teacher)
-    metrics = evaluate_model(model, te.x, te.y, CLASSES)
+    model, metrics, history = fit_and_test(tr, va, te, cfg, config, on_epoch, progress, teachers)
     metrics["split"] = how
     metrics["test_folds"] = sorted(test_folds) if test_folds else None
     kind = "folds" if test_folds else ("folder" if how.startswith("test = ") and
@@ -115,6 +120,22 @@ def train(
             "teachers": [t["version"] for t in teachers or []]}
     ckpt = make_checkpoint(model, CLASSES, version, None, metrics, data, history)
     return TrainResult(ckpt, model, metrics, history)
+
+
+def fit_and_test(
+    tr: Split, va: Split, te: Split, cfg: TrainConfig, config: FeatureConfig,
+    on_epoch: EpochCallback | None = None, progress: bool = True,
+    teachers: list[dict] | None = None,
+) -> tuple[AudioCNN, dict, list[dict]]:
+    """The recipe on splits already in memory: a fresh model (band statistics from ``tr``),
+    fitted with early stopping on ``va``, scored on ``te``. ``train`` and both cross-validation
+    protocols (``crossval``) run exactly this, so what they measure is the served recipe."""
+    model = new_model(tr.x, cfg, config)
+    teacher = (Teachers([build_model(t) for t in teachers], model, cfg.distill_temperature)
+               if teachers else None)
+    history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
+                  teachers=teacher)
+    return model, evaluate_model(model, te.x, te.y, CLASSES), history
 
 
 def retrain(
@@ -143,10 +164,8 @@ def retrain(
     model = build_model(base)
     config = model.config
     merged = list(train_clips) + list(new_clips)
-    labels = encode_labels([c.label for c in merged])
-    groups = np.array([c.group for c in merged])
     try:
-        keep, hold = group_split(labels, groups, 0.15, seed)
+        keep, hold = hold_out_validation(merged, 0.15, seed)
     except ValueError:  # too few recordings (per class) to hold some out: stop on the
         # training loss, never on the test set, which would tilt the gate to the candidate
         keep, hold = np.arange(len(merged)), np.array([], dtype=int)
@@ -161,7 +180,7 @@ def retrain(
                       # EMA would stay at the base weights
                       ema_decay=ema_decay if ema_decay is not None else 1 - 1 / steps_per_epoch,
                       widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
-                      batch_size=batch_size)
+                      freq_pool=base["arch"].get("freq_pool", "mean"), batch_size=batch_size)
     teacher = (Teachers([build_model(base)], model, cfg.distill_temperature)
                if learn_without_forgetting else None)
     history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,

@@ -19,7 +19,7 @@ from typing import Any
 import typer
 
 from ..settings import get_settings
-from . import data, ops, stack, web, worker
+from . import analyze, crossval, data, ops, stack, web, worker
 from .common import friendly_errors, print_json
 
 app = typer.Typer(
@@ -30,7 +30,7 @@ data.app.command("upload")(ops.upload)
 app.add_typer(data.app, name="data")
 app.add_typer(ops.db_app, name="db")
 app.add_typer(ops.models_app, name="models")
-for _services in (worker, web, stack):
+for _services in (worker, web, stack, crossval, analyze):
     _services.register(app)
 
 

@@ -1,0 +1,123 @@
+"""Train recipe variants and record their scores: the evidence behind the served recipe.
+
+    URBANSOUND_TORCH_THREADS=1 nice -n 10 .venv/bin/python scripts/recipe_trials.py \
+        VARIANT [--seeds 0 1 2] [--protocol fold3|grouped] [--k 3] [--epochs 40]
+
+``fold3``: train on folds 1, 2, 4-9 of ../shared/us8k, test on fold 3 (the served model's
+split); the checkpoint is kept under var/trials/ so a winner can be published or used as a
+teacher. ``grouped``: the validation protocol (``src.crossval.grouped_cv``): k recording-grouped
+folds inside the training folds, fold 3 never read. Every run appends one JSON line to
+var/trials/results.jsonl; ``--report`` prints the table of everything recorded so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+US8K = ROOT.parent / "shared" / "us8k"
+OUT = ROOT / "var" / "trials"
+
+#: name -> (TrainConfig changes, FeatureConfig changes). "base" is the recipe of the served
+#: model's teachers; each other variant names what it changes.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "base": ({}, {}),
+    "bands": ({"freq_pool": "bands"}, {}),
+    "bands-noeq": ({"freq_pool": "bands", "eq_std": 0.0, "band_shift": 0}, {}),
+    "noeq": ({"eq_std": 0.0, "band_shift": 0}, {}),
+}
+
+
+def configs(name: str, seed: int, epochs: int):
+    from src.model import TrainConfig
+    from src.preprocessing import FeatureConfig
+
+    train_changes, feature_changes = VARIANTS[name]
+    cfg = TrainConfig(epochs=epochs, patience=12, seed=seed, **train_changes)
+    return cfg, replace(FeatureConfig(), **feature_changes)
+
+
+def record(row: dict[str, Any]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+def log_epoch(r: dict[str, Any]) -> None:
+    print(f"epoch {r['epoch']}/{r['epochs']} loss {r['loss']:.3f} val F1 {r['val_f1'] or 0:.3f}"
+          f" ({r['seconds']:.0f} s)", flush=True)
+
+
+def run_fold3(name: str, seed: int, epochs: int, cache: Path) -> None:
+    from src.model import save_checkpoint
+    from src.train import train
+
+    cfg, config = configs(name, seed, epochs)
+    start = time.time()
+    result = train(US8K, {3}, cfg, config, cache_dir=cache, version=f"{name}-s{seed}",
+                   progress=False, on_epoch=log_epoch)
+    save_checkpoint(result.checkpoint, OUT / f"{name}-s{seed}.pt")
+    m, h = result.test_metrics, result.history
+    record({"variant": name, "seed": seed, "protocol": "fold3", "epochs_run": len(h),
+            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "best_val_f1": max(r["val_f1"] or 0 for r in h),
+            "per_class_f1": {c: round(s["f1"], 3) for c, s in m["per_class"].items()},
+            "minutes": round((time.time() - start) / 60, 1)})
+
+
+def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
+    from src.crossval import grouped_cv
+
+    cfg, config = configs(name, seed, epochs)
+    start = time.time()
+    summary = grouped_cv(US8K, exclude_folds={3}, k=k, cfg=cfg, config=config,
+                         cache_dir=cache, seed=0)
+    record({"variant": name, "seed": seed, "protocol": f"grouped-{k}", "epochs": epochs,
+            **{key: summary[key] for key in ("accuracy_mean", "accuracy_std", "macro_f1_mean",
+                                             "macro_f1_std")},
+            "per_split_accuracy": [round(r["accuracy"], 3) for r in summary["per_fold"]],
+            "minutes": round((time.time() - start) / 60, 1)})
+
+
+def report() -> None:
+    rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()]
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["variant"], r["protocol"]), []).append(r)
+    for (name, protocol), runs in sorted(by.items()):
+        key = "accuracy" if protocol == "fold3" else "accuracy_mean"
+        accs = [r[key] for r in runs]
+        spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
+        print(f"{name:<14} {protocol:<10} n={len(runs)} accuracy {statistics.mean(accs):.3f}"
+              f"{spread}  runs: {', '.join(f'{a:.3f}' for a in accs)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variant", nargs="?", choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--protocol", choices=("fold3", "grouped"), default="fold3")
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--cache", type=Path, default=ROOT / "var" / "cache")
+    parser.add_argument("--report", action="store_true", help="print the recorded table")
+    args = parser.parse_args()
+    if args.report or not args.variant:
+        report()
+        return
+    for seed in args.seeds:
+        if args.protocol == "fold3":
+            run_fold3(args.variant, seed, args.epochs, args.cache)
+        else:
+            run_grouped(args.variant, seed, args.epochs, args.k, args.cache)
+
+
+if __name__ == "__main__":
+    main()
