@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
@@ -59,6 +59,9 @@ from .db import (
 from .errors import Unavailable, UserError, one_line
 from .settings import Settings, get_settings
 from .testset import RetrainError, recorded_scores, spec_of
+
+if TYPE_CHECKING:
+    from .datasets import Clip
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +135,10 @@ def validate_params(params: dict[str, Any] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the active job
 
 def active_job(session: Any) -> TrainingJob | None:
-    return session.scalars(
+    job: TrainingJob | None = session.scalars(
         sa.select(TrainingJob).where(TrainingJob.status.in_(ACTIVE_JOB_STATUSES))
     ).first()
+    return job
 
 
 def get_or_create_job(
@@ -446,7 +450,7 @@ def run_retrain(
     settings = settings or get_settings()
     host = socket.gethostname()
     me = f"{worker or host} (pid {os.getpid()} on {host})"
-    skipped = _db_retry(_claim, job_id, me, settings, attempts=3)
+    skipped: dict[str, Any] | None = _db_retry(_claim, job_id, me, settings, attempts=3)
     if skipped is not None:
         return skipped
     log.info("retrain job %s started on %s", job_id, me)
@@ -716,7 +720,7 @@ def _epoch_progress(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _still_ours(session: Any, job_id: str, me: str) -> TrainingJob:
-    job = session.get(TrainingJob, job_id, with_for_update=True)
+    job: TrainingJob | None = session.get(TrainingJob, job_id, with_for_update=True)
     if job is None or job.status != JobStatus.running or job.worker != me:
         raise RetrainError(
             f"Job {job_id} was {'deleted' if job is None else 'marked ' + job.status} while it "
@@ -778,7 +782,8 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- data
 
-def evaluate_checkpoint(ckpt: dict[str, Any], clips: list, cache_dir: Path | None) -> dict:
+def evaluate_checkpoint(ckpt: dict[str, Any], clips: list[Clip], cache_dir: Path | None
+                        ) -> dict[str, Any]:
     """Metrics of a checkpoint on ``clips``: the served side of the gate."""
     from .model import build_model, evaluate_model
     from .train import Split, set_threads

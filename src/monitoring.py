@@ -272,7 +272,7 @@ def _histogram(samples: list[tuple[str, dict[str, str], float]], where: dict[str
 
 
 def _percentiles_ms(buckets: list[tuple[float, float]], count: float, total: float,
-                    histogram: bool = False) -> dict:
+                    histogram: bool = False) -> dict[str, Any]:
     def ms(q: float) -> float | None:
         v = histogram_quantile(q, buckets)
         return None if v is None else round(1000 * v, 2)

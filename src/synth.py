@@ -20,6 +20,7 @@ import io
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -76,7 +77,7 @@ def _partials(phase: np.ndarray, gains: np.ndarray) -> np.ndarray:
     for g in gains[1:]:
         prev, cur = cur, two_cos * cur - prev
         out += g * cur
-    return out
+    return np.asarray(out)
 
 
 def _harmonics(freq: np.ndarray | float, n: int, sr: int, weights: np.ndarray,
@@ -250,7 +251,7 @@ def jackhammer(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
         gap = int(rng.uniform(0.1, 0.5) * sr)
         runs[pos : pos + gap] = 0.05
         pos += gap + int(rng.uniform(0.5, 2.0) * sr)
-    return (hits + ring) * runs
+    return np.asarray((hits + ring) * runs)
 
 
 def siren(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
@@ -340,7 +341,7 @@ def synth_clip(label: str, rng: np.random.Generator, sample_rate: int = SAMPLE_R
     y[:fade] *= ramp
     y[-fade:] *= ramp[::-1]
     peak = 10 ** (rng.uniform(*PEAK_DBFS) / 20)
-    return (y * peak / (np.abs(y).max() + 1e-12)).astype(np.float32)
+    return np.asarray(y * peak / (np.abs(y).max() + 1e-12), dtype=np.float32)
 
 
 def clip_rng(seed: int, split: str, label: str, index: int) -> np.random.Generator:
@@ -378,7 +379,7 @@ def _clear_previous(out_dir: Path) -> None:
             shutil.rmtree(out_dir / split)
 
 
-def _write_readme(out_dir: Path, summary: dict) -> None:
+def _write_readme(out_dir: Path, summary: dict[str, Any]) -> None:
     (out_dir / "SYNTHETIC.md").write_text(
         "# Synthetic data set — NOT UrbanSound8K\n\n"
         "Every clip in this folder was generated procedurally by `src/synth.py` "
@@ -404,7 +405,7 @@ def _write_wav(path: Path, y: np.ndarray, sample_rate: int) -> None:
 
 
 def _write_split(out_dir: Path, split: str, count: int, seed: int, sample_rate: int,
-                 bar: tqdm) -> tuple[list[Clip], float]:
+                 bar: tqdm[Any]) -> tuple[list[Clip], float]:
     root = out_dir / split
     clips, seconds = [], 0.0
     for label in CLASSES:
@@ -422,7 +423,7 @@ def _write_split(out_dir: Path, split: str, count: int, seed: int, sample_rate: 
 
 
 def generate(out_dir: Path, per_class: int = 20, test_per_class: int = 6, seed: int = 0,
-             sample_rate: int = SAMPLE_RATE, progress: bool = True) -> dict:
+             sample_rate: int = SAMPLE_RATE, progress: bool = True) -> dict[str, Any]:
     """Write a synthetic train/test set in the class-per-folder layout; return a summary.
 
     Refuses a folder that holds anything but an earlier synthetic set, and replaces that one.

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ..settings import get_settings
 from .common import friendly_errors, print_json
+
+if TYPE_CHECKING:
+    from ..datasets import Clip
 
 app = typer.Typer(
     help="Get data: download or import UrbanSound8K, write the synthetic demo set, inspect it.",
@@ -79,7 +83,7 @@ def import_(
                                folds=set(fold) if fold else None))
 
 
-def _report_import(summary: dict) -> None:
+def _report_import(summary: dict[str, Any]) -> None:
     typer.echo(
         f"imported UrbanSound8K into {summary['data_dir']}: {summary['train']} train, "
         f"{summary['test']} test (test folds {summary['test_folds']}); "
@@ -107,7 +111,7 @@ def synth(
                f"+ {s['test']} test clips, {s['seconds'] / 60:.1f} min of audio, seed {seed}")
 
 
-def _audio_stats(clips: list) -> dict:
+def _audio_stats(clips: list[Clip]) -> dict[str, Any]:
     """Durations and formats from headers only: a full data set is probed in seconds."""
     from ..preprocessing import AudioError, probe
 
@@ -142,7 +146,7 @@ def _audio_stats(clips: list) -> dict:
     }
 
 
-def _splits(root: Path, clips: list) -> dict[str, int]:
+def _splits(root: Path, clips: list[Clip]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for clip in clips:
         try:
@@ -174,7 +178,7 @@ def stats(
     _print_stats(report)
 
 
-def _print_stats(r: dict) -> None:
+def _print_stats(r: dict[str, Any]) -> None:
     d = r["duration_s"]
     if r["synthetic"]:
         typer.echo("NOTE: this folder holds SYNTHETIC clips (src/synth.py), not UrbanSound8K.")

@@ -7,12 +7,16 @@ so the web app and the worker do exactly what these commands do.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .common import UserError, friendly_errors, print_json
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def db_current(url: UrlOption = None) -> None:
     typer.echo(db.current_revision(url) or "base (no tables)")
 
 
-def _session_or_none(url: str | None = None):
+def _session_or_none(url: str | None = None) -> AbstractContextManager[Session] | None:
     """The registry works without a database; its mirror is best effort from the CLI."""
     from .. import db
 
