@@ -26,7 +26,7 @@ import torch
 
 from .errors import one_line
 from .model import build_model, load_checkpoint
-from .preprocessing import AudioSource, load_clip
+from .preprocessing import AudioSource, load_clip, probe
 
 if TYPE_CHECKING:
     from .registry import PointerCheck
@@ -42,6 +42,8 @@ class Prediction:
     probabilities: dict[str, float]
     model_version: str
     top_k: list[dict] = field(default_factory=list)
+    duration_s: float | None = None  # the file's length by its header (None: not known)
+    analysed_s: float | None = None  # how much of it the answer heard: the first clip_seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +85,29 @@ class Predictor:
     def load(self, source: AudioSource) -> np.ndarray:
         return load_clip(source, self.config)
 
+    def load_measured(self, source: AudioSource) -> tuple[np.ndarray, float | None,
+                                                          float | None]:
+        """``load`` plus how long the file is and how much of it the model hears, so an
+        answer about the first ``clip_seconds`` never passes for one about the whole file."""
+        position = source.tell() if hasattr(source, "tell") else None
+        try:
+            info = probe(source)
+        finally:
+            if position is not None and hasattr(source, "seek"):
+                source.seek(position)
+        waveform = self.load(source)
+        if info.frames <= 0 or info.samplerate <= 0:
+            return waveform, None, None
+        duration = info.frames / info.samplerate
+        return waveform, round(duration, 3), round(min(duration, self.config.clip_seconds), 3)
+
+    def answer(self, probs: np.ndarray, duration_s: float | None, analysed_s: float | None,
+               top_k: int = 3) -> Prediction:
+        """``from_probabilities`` with the file's length and what of it was heard."""
+        prediction = self.from_probabilities(probs, top_k)
+        prediction.duration_s, prediction.analysed_s = duration_s, analysed_s
+        return prediction
+
     def from_probabilities(self, probs: np.ndarray, top_k: int = 3) -> Prediction:
         order = np.argsort(probs)[::-1]
         best = int(order[0])
@@ -96,14 +121,16 @@ class Predictor:
 
     def predict(self, source: AudioSource, top_k: int = 3) -> Prediction:
         """Raises ``preprocessing.AudioError`` (with a code and message) for bad audio."""
-        return self.from_probabilities(self.probabilities(self.load(source))[0], top_k)
+        waveform, duration, analysed = self.load_measured(source)
+        return self.answer(self.probabilities(waveform)[0], duration, analysed, top_k)
 
     def predict_many(self, sources: list[AudioSource], top_k: int = 3) -> list[Prediction]:
         """Batched forward pass: clips that arrive together cost less than one by one."""
         if not sources:
             return []
-        probs = self.probabilities(np.stack([self.load(s) for s in sources]))
-        return [self.from_probabilities(p, top_k) for p in probs]
+        loaded = [self.load_measured(s) for s in sources]
+        probs = self.probabilities(np.stack([w for w, _, _ in loaded]))
+        return [self.answer(p, d, a, top_k) for p, (_, d, a) in zip(probs, loaded, strict=True)]
 
     @torch.inference_mode()
     def logmel(self, waveform: np.ndarray) -> np.ndarray:

@@ -57,6 +57,24 @@ class Settings(BaseSettings):
     min_clip_seconds: float = Field(0.05, description="Shorter clips are rejected.")
     max_clip_seconds: float = Field(60.0, description="Longer uploads are rejected.")
 
+    analyze_window_s: float = Field(4.0, description="Window of `analyze` (seconds): at most "
+                                    "the model's clip length.")
+    analyze_hop_s: float = Field(2.0, description="Step between analysis windows (seconds).")
+    analyze_min_confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stretches whose best class is less probable are "
+        "`uncertain` in an analysis timeline.")
+    analyze_silence_dbfs: float = Field(-80.0, description="Analysis windows quieter than "
+                                        "this (RMS dBFS) are `silence`, not classified.")
+    analyze_batch_size: int = Field(16, ge=1, description="Analysis windows per model call.")
+    analyze_max_seconds: float = Field(86400.0, gt=0, description="Longest stretch of one "
+                                       "recording analysed (the rest is reported unheard).")
+    max_analyze_mb: int = Field(200, ge=1, description="Largest recording POST "
+                                "/api/v1/analyze and the Analyse page accept, MiB.")
+    analyze_sync_max_s: float = Field(120.0, ge=0, description="Recordings up to this long "
+                                      "are analysed in the request; longer ones become a job.")
+    analysis_keep_s: float = Field(3600.0, gt=0, description="How long an analysis job's "
+                                   "result (and, from the page, its recording) is kept (s).")
+
     retrain_epochs: int = Field(8, description="Fine-tuning epochs per retrain job.")
     retrain_lr: float = Field(3e-4, description="Peak learning rate when fine-tuning.")
     gate_margin: float = Field(0.01, description="Promote if new macro-F1 >= served - margin.")

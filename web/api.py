@@ -54,6 +54,18 @@ REQUEST_BODIES: dict[tuple[str, str], dict[str, Any]] = {
             **{t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES},
         },
     },
+    ("/api/v1/analyze", "post"): {
+        "required": True,
+        "description": "One recording of any length (WAV, FLAC, OGG, MP3...), as multipart "
+                       "field `file` or as the raw request body; at most "
+                       "URBANSOUND_MAX_ANALYZE_MB.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}},
+            **{t: {"schema": {"type": "string", "format": "binary"}} for t in AUDIO_TYPES},
+        },
+    },
     ("/api/v1/predict/batch", "post"): {
         "required": True,
         "description": "Many audio clips as multipart parts named `files` (or `file`); one "
@@ -226,9 +238,10 @@ def run_prediction(data: bytes, top_k: int = 3, predictor: Any = None
     if predictor is None:
         predictor = serving_predictor()
     started = time.perf_counter()
-    waveform = predictor.load(data)  # AudioError (a UserError) says what is wrong with it
+    # AudioError (a UserError) says what is wrong with it
+    waveform, duration_s, analysed_s = predictor.load_measured(data)
     probabilities = predictor.probabilities(waveform)[0]
-    prediction = predictor.from_probabilities(probabilities, top_k)
+    prediction = predictor.answer(probabilities, duration_s, analysed_s, top_k)
     latency = time.perf_counter() - started
     services.state().monitor.observe_prediction(prediction.label, prediction.confidence,
                                                 latency)
@@ -302,6 +315,139 @@ def predict_batch(query: dict):
     n_failed = sum("error" in r for r in results)
     return {"model_version": predictor.version, "n_files": len(results),
             "n_ok": len(results) - n_failed, "n_failed": n_failed, "results": results}
+
+
+# --------------------------------------------------------------------------- analyze
+
+def read_recording(settings) -> tuple[IO[bytes], str | None]:
+    """A recording from multipart ``file`` or the raw body, kept on disk past 8 MiB (werkzeug
+    spools multipart parts; ``read_body`` the raw body), at most ``max_analyze_mb``: 413 past
+    it. The caller closes it."""
+    limit = settings.max_analyze_mb * MIB
+    request.max_content_length = max(limit, settings.max_upload_mb * MIB)  # this request's cap
+    mimetype = request.mimetype or ""
+    if mimetype == "multipart/form-data":
+        parts = file_parts()
+        if len(parts) > 1:
+            raise api_error(400, "one_file_only",
+                            f"{len(parts)} files were sent; /analyze takes one recording.")
+        if not parts or (not parts[0].filename and not _has_bytes(parts[0].stream)):
+            raise api_error(400, "missing_file", NO_FILE)
+        stream = parts[0].stream
+        stream.seek(0, 2)
+        size = stream.tell()
+        stream.seek(0)
+        if size > limit:
+            raise too_large(settings.max_analyze_mb, "A recording")
+        if not size:
+            raise ClipError("The file is empty.", code="empty")
+        return stream, secure_filename(parts[0].filename or "") or None
+    if mimetype in ("application/x-www-form-urlencoded", "application/json") \
+            or mimetype.startswith("text/"):
+        raise api_error(415, "unsupported_media_type",
+                        f"Expected audio bytes or multipart/form-data, not {mimetype}.")
+    try:
+        body, size = read_body(limit, spool=True)
+    except ClipError:
+        raise too_large(settings.max_analyze_mb, "A recording") from None
+    if not size:
+        body.close()
+        raise api_error(400, "empty", EMPTY_BODY)
+    return body, None
+
+
+def analyze_recording(stream: IO[bytes], name: str | None, params: dict[str, Any],
+                      keep_audio: bool = False) -> tuple[dict[str, Any], int]:
+    """Analyse a recording in this request when its header says it is short enough
+    (``analyze_sync_max_s``), else queue a job: ``(analysis, 200)`` or ``(job, 202)``.
+
+    Window and hop are checked against the served model first, so a bad one is a 422 now,
+    not a failed job later."""
+    from src import analysis, analysis_jobs, preprocessing
+
+    st = services.state()
+    settings = st.settings
+    predictor = serving_predictor()
+    options = services.analysis_options(predictor, params.get("window_s"), params.get("hop_s"))
+    info = preprocessing.probe(stream)  # the header: bad audio is refused before any job
+    stream.seek(0)
+    short = info.duration <= settings.analyze_sync_max_s
+    if short and not keep_audio:
+        started = time.perf_counter()
+        result = analysis.analyse(stream, predictor, options, name=name).to_dict()
+        result["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
+        return result, 200
+    job = analysis_jobs.create(stream, name, {k: v for k, v in params.items() if v},
+                               settings, keep_audio=keep_audio)
+    if short:  # kept for the page's player, but analysed here and now
+        def work(path: Any, on_progress: Any) -> dict[str, Any]:
+            return analysis.analyse(path, predictor, options, on_progress,
+                                    name=name).to_dict(envelope=True)
+
+        return analysis_jobs.run(job["id"], work, settings), 200
+    try:
+        services.queue_analysis(job["id"], settings)
+    except Exception as exc:
+        job = analysis_jobs.fail(job["id"], f"The task broker is unreachable: {exc}", settings)
+        raise jobs.BrokerUnavailable(
+            "The analysis could not be queued: the task broker is unreachable. Retry later, "
+            "or analyse a shorter recording.", job) from None
+    return job, 202
+
+
+@api.post("/analyze")
+@api.input(schemas.AnalyzeQuery, location="query", arg_name="query")
+@api.output(schemas.AnalysisOut)
+@api.doc(responses={
+    202: {"description": "Longer than URBANSOUND_ANALYZE_SYNC_MAX_S: a job was queued; poll "
+          "the Location (`GET /analyses/{job_id}`)", "content": {"application/json": {
+              "schema": {"$ref": "#/components/schemas/AnalysisJob"}}}},
+    400: "No file, an empty one, or several",
+    413: "The recording is larger than URBANSOUND_MAX_ANALYZE_MB",
+    415: "Not audio we can decode",
+    422: "Audio we cannot use (too short, odd rate), or a window/hop the model cannot use",
+    503: "No model is being served yet, or the task broker is down"})
+def analyze(query: dict):
+    """Analyse a long recording.
+
+    Cut the recording into windows (``window_s``, default 4 s, every ``hop_s``, default 2 s),
+    classify every window with the served model and merge them into a timeline: per-window
+    probabilities, **events** (runs of one class: label, start, end, mean confidence; stretches
+    below ``min_confidence`` are ``uncertain``, near-digital silence is ``silence``) and
+    seconds per class. Recordings up to URBANSOUND_ANALYZE_SYNC_MAX_S are answered at once
+    (200); longer ones become a job (202 + ``Location``) whose ``result`` is this same
+    object."""
+    settings = services.state().settings
+    stream, name = read_recording(settings)
+    try:
+        out, status = analyze_recording(stream, name, query)
+    finally:
+        stream.close()
+    if status == 202:
+        from flask import jsonify
+
+        response = jsonify(out)
+        response.status_code = 202
+        response.headers["Location"] = url_for("api.get_analysis", job_id=out["id"])
+        return response
+    return out
+
+
+@api.get("/analyses/<job_id>")
+@api.output(schemas.AnalysisJob)
+@api.doc(responses={404: "No such analysis (or it expired)"})
+def get_analysis(job_id: str):
+    """One analysis job.
+
+    State (queued, running, succeeded, failed), progress (seconds analysed of the
+    recording's length) and, once it succeeded, ``result``: the object ``POST /analyze``
+    answers for a short recording."""
+    from src import analysis_jobs
+
+    job = analysis_jobs.get(job_id, services.state().settings)
+    if job.get("result"):
+        job["result"].pop("envelope", None)  # the page's waveform strip, not the contract
+    return job
 
 
 def keep_clip(data: bytes, filename: str | None) -> str:

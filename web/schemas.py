@@ -25,6 +25,15 @@ class TopKQuery(BatchQuery):
         "answer can be corrected into training data (POST /predictions/<id>/feedback)."})
 
 
+class AnalyzeQuery(Schema):
+    window_s = Float(validate=Range(0.5, 60), metadata={
+        "description": "Window length in seconds (default URBANSOUND_ANALYZE_WINDOW_S, 4); at "
+        "most what the model hears (its clip length)."})
+    hop_s = Float(validate=Range(0.25, 60), metadata={
+        "description": "Step between windows in seconds (default URBANSOUND_ANALYZE_HOP_S, "
+        "2); at most the window."})
+
+
 class FeedbackIn(Schema):
     label = String(required=True, validate=OneOf(CLASSES), metadata={
         "description": "What the clip really is."})
@@ -67,6 +76,11 @@ class PredictionOut(Schema):
     model_version = String(required=True, metadata={"description": "The model that answered."})
     latency_ms = Float(required=True, metadata={
         "description": "Server-side time to decode the clip and run the model."})
+    duration_s = Float(allow_none=True, metadata={
+        "description": "The file's length (by its header); null when it does not say."})
+    analysed_s = Float(allow_none=True, metadata={
+        "description": "How much of it the answer heard: the first clip (4 s). Longer files: "
+        "POST /analyze for the whole of it."})
     file = String(allow_none=True, metadata={"description": "The sanitised file name, if any."})
     prediction_id = String(metadata={
         "description": "With ?keep=true: the id to correct this prediction with."})
@@ -89,6 +103,8 @@ class BatchResult(Schema):
     top_k = List(Nested(TopK))
     model_version = String()
     latency_ms = Float()
+    duration_s = Float(allow_none=True)
+    analysed_s = Float(allow_none=True)
     error = Nested(ErrorDetail, metadata={
         "description": "Present instead of the prediction when this file failed."})
 
@@ -101,6 +117,71 @@ class BatchPredictionOut(Schema):
     n_failed = Integer(required=True)
     results = List(Nested(BatchResult), required=True, metadata={
         "description": "One result per file, in the order the files were sent."})
+
+
+# --------------------------------------------------------------------------- analyses
+
+ANALYSIS_LABELS = (*CLASSES, "uncertain", "silence")
+ANALYSIS_STATUSES = ("queued", "running", "succeeded", "failed")
+
+
+class AnalysisWindow(Schema):
+    start_s = Float(required=True)
+    end_s = Float(required=True)
+    label = String(required=True, validate=OneOf(ANALYSIS_LABELS), metadata={
+        "description": "The window's top class (what /predict answers for it), or `silence` "
+        "(quieter than URBANSOUND_ANALYZE_SILENCE_DBFS: not classified)."})
+    confidence = Float(required=True)
+    probabilities = Dict(keys=String(), values=Float(), allow_none=True, required=True)
+    level_dbfs = Float(required=True)
+
+
+class AnalysisEvent(Schema):
+    label = String(required=True, validate=OneOf(CLASSES))
+    start_s = Float(required=True)
+    end_s = Float(required=True)
+    confidence = Float(required=True, metadata={
+        "description": "Mean probability of the label over the event."})
+
+
+class AnalysisOut(Schema):
+    """A whole recording: windows, events and seconds per class."""
+
+    file = String(allow_none=True)
+    duration_s = Float(required=True, metadata={"description": "Audio actually read."})
+    analysed_s = Float(required=True)
+    header_duration_s = Float(allow_none=True, metadata={
+        "description": "What the file's header claims (more than duration_s: truncated)."})
+    sample_rate = Integer(required=True)
+    channels = Integer(required=True)
+    model_version = String(required=True)
+    window_s = Float(required=True)
+    hop_s = Float(required=True)
+    min_confidence = Float(required=True)
+    windows = List(Nested(AnalysisWindow), required=True)
+    events = List(Nested(AnalysisEvent), required=True)
+    summary = Dict(keys=String(), values=Float(), required=True, metadata={
+        "description": "Seconds per class, plus `uncertain` and `silence`; they add up to "
+        "duration_s."})
+    warnings = List(String(), required=True)
+    latency_ms = Float(metadata={"description": "Server-side time (answered at once only)."})
+
+
+class AnalysisJob(Schema):
+    """A long recording analysed by a worker; ``result`` once it succeeded."""
+
+    id = String(required=True)
+    status = String(required=True, validate=OneOf(ANALYSIS_STATUSES))
+    done = Boolean(required=True)
+    file = String(allow_none=True)
+    params = Dict(allow_none=True)
+    requested_at = String(allow_none=True)
+    started_at = String(allow_none=True)
+    finished_at = String(allow_none=True)
+    progress = Dict(allow_none=True, metadata={
+        "description": "done_s and total_s: seconds of the recording analysed so far."})
+    error = String(allow_none=True)
+    result = Nested(AnalysisOut, allow_none=True)
 
 
 # --------------------------------------------------------------------------- uploads

@@ -200,3 +200,30 @@ def upload_stats() -> dict[str, Any]:
         return ingest.upload_stats(session, served_lineage(settings.models_dir))
 
 
+
+
+# --------------------------------------------------------------------------- analyses
+
+#: The Celery task that analyses a long recording (``worker.tasks.analyze``); sent by name,
+#: so the web package never imports the worker.
+ANALYZE_TASK = "urbansound.analyze"
+
+
+def queue_analysis(job_id: str, settings: Settings) -> None:
+    """Send the analysis of job ``job_id`` to a worker (raises when the broker is down; the
+    caller marks the job failed). Celery task id = ``analysis-<job id>``."""
+    from .celery_app import QUEUE, sender_app
+
+    sender_app(settings).send_task(ANALYZE_TASK, args=[job_id], task_id=f"analysis-{job_id}",
+                                   queue=QUEUE)
+
+
+def analysis_options(predictor: Any, window_s: float | None = None,
+                     hop_s: float | None = None):
+    """The settings' analysis options with a request's window and hop, checked against the
+    served model (``AnalysisError``, a 422, when it cannot use them)."""
+    from src.analysis import Options
+
+    options = Options.from_settings(window_s=window_s, hop_s=hop_s, config=predictor.config)
+    options.check(predictor.config)
+    return options

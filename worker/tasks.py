@@ -1,8 +1,10 @@
-"""The retrain task: a thin adapter from a Celery message to ``src.jobs.run_retrain``.
+"""The tasks: thin adapters from a Celery message to ``src.jobs.run_retrain`` (retrain) and
+``src.analysis_jobs.run`` (the analysis of a long recording).
 
 All decisions (idempotency, the quality gate, the atomic swap, stale-job recovery) live in
-``src.jobs`` so they are tested without Celery; this module adds only what is Celery's: the
-time limits, task state for Flower/``AsyncResult`` and the worker-start recovery hook.
+``src.jobs`` and ``src.analysis_jobs`` so they are tested without Celery; this module adds only
+what is Celery's: the time limits, task state for Flower/``AsyncResult`` and the worker-start
+recovery hook. Analyses never touch the retrain table, so "one retrain at a time" is unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from src import jobs
 from src.db import DatabaseUnavailable
 from src.settings import get_settings
 from web.celery_app import RETRAIN_TASK
+from web.services import ANALYZE_TASK
 
 log = logging.getLogger(__name__)
 _settings = get_settings()
@@ -51,6 +54,47 @@ def retrain(self: Task, job_id: str) -> dict[str, Any]:
         raise RetrainFailed(job.get("error") or job.get("message") or "retrain failed")
     keys = ("id", "status", "message", "result_version", "base_version", "skipped")
     return {k: job.get(k) for k in keys}
+
+
+_live: Any = None
+
+
+def served_predictor() -> Any:
+    """This worker process's ``LivePredictor``: created on first use, it follows the
+    registry's pointer, so an analysis uses the version being served when it starts."""
+    global _live
+    settings = get_settings()
+    if _live is None or _live.models_dir != settings.models_dir:
+        from src.prediction import LivePredictor
+
+        _live = LivePredictor(settings.models_dir, settings.model_poll_s)
+    return _live.get()
+
+
+@shared_task(
+    bind=True,
+    name=ANALYZE_TASK,
+    acks_late=True,
+    soft_time_limit=_settings.retrain_soft_limit_s,
+    time_limit=_settings.retrain_hard_limit_s,
+)
+def analyze(self: Task, job_id: str) -> dict[str, Any]:
+    """Analyse the recording of analysis job ``job_id`` (a redelivery does nothing)."""
+    from src import analysis, analysis_jobs
+
+    params = analysis_jobs.get(job_id, result=False).get("params") or {}
+
+    def work(path: Any, on_progress: Any) -> dict[str, Any]:
+        predictor = served_predictor()
+        options = analysis.Options.from_settings(window_s=params.get("window_s"),
+                                                 hop_s=params.get("hop_s"),
+                                                 config=predictor.config)
+        name = analysis_jobs.get(job_id, result=False).get("file")
+        return analysis.analyse(path, predictor, options, on_progress,
+                                name=name).to_dict(envelope=True)
+
+    job = analysis_jobs.run(job_id, work)
+    return {k: job.get(k) for k in ("id", "status", "error", "skipped")}
 
 
 @worker_process_init.connect
