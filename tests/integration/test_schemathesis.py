@@ -23,7 +23,8 @@ from web_helpers import PASSWORD, TOKEN, build_registry
 MAX_EXAMPLES = int(os.environ.get("URBANSOUND_SCHEMATHESIS_EXAMPLES", "15"))
 DEADLINE_MS = 10_000  # per generated request (a predict on one core takes ~0.1 s)
 BUDGET_S = 150  # each mode, every operation: a hard bound (pytest-timeout), on a shared machine
-AUDIO_BODIES = {"POST /api/v1/predict", "POST /api/v1/predict/batch", "POST /api/v1/uploads"}
+AUDIO_BODIES = {"POST /api/v1/predict", "POST /api/v1/predict/batch", "POST /api/v1/uploads",
+                "POST /api/v1/analyze"}
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,12 @@ def test_documented_success_responses(api_app, synthetic_data):
                  predict.Case(body={"file": clip}, media_type="multipart/form-data")):
         response = case.call_and_validate(headers=headers)
         assert response.status_code == 200 and len(response.json()["top_k"]) in (3, 4)
+    analyze = by_label["POST /api/v1/analyze"]
+    for case in (analyze.Case(body=clip, media_type="application/octet-stream",
+                              query={"hop_s": 1}),
+                 analyze.Case(body={"file": clip}, media_type="multipart/form-data")):
+        response = case.call_and_validate(headers=headers)
+        assert response.status_code == 200 and response.json()["windows"]
     upload = by_label["POST /api/v1/uploads"].Case(
         body={"files": [clip], "label": "dog_bark"}, media_type="multipart/form-data")
     response = upload.call_and_validate(headers=headers)
