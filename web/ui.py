@@ -182,6 +182,84 @@ def feedback_page():
                            feedback=outcome), status
 
 
+# --------------------------------------------------------------------------- analyse
+
+@ui.get("/analyse")
+def analyse_page():
+    return render_template("analyse.html", active="analyse", job=None, result=None)
+
+
+@ui.post("/analyse")
+def analyse_upload():
+    """Store the recording (the page plays stretches of it back) and analyse it now when it
+    is short, else queue a worker job; either way, show its page."""
+    st = services.state()
+    try:
+        upload = request.files.get("file")
+        if upload is None or not upload.filename:
+            raise HTTPError(400, "Choose a recording first.", extra_data={"code": "missing_file"})
+        stream, name = api_views.read_recording(st.settings)
+        try:
+            job, _ = api_views.analyze_recording(stream, name or "recording", {},
+                                                 keep_audio=True)
+        finally:
+            stream.close()
+    except PageError as exc:
+        code, message = _error_of(exc)
+        return render_template("analyse.html", active="analyse", job=None, result=None,
+                               error=message, error_code=code), _status_of(exc)
+    return redirect(url_for("ui.analysis_page", job_id=job["id"]))
+
+
+def _analysis_job(job_id: str) -> dict[str, Any]:
+    from src import analysis_jobs
+
+    try:
+        return analysis_jobs.get(job_id, services.state().settings)
+    except analysis_jobs.AnalysisJobNotFound:
+        abort(404)
+
+
+@ui.get("/analyse/<job_id>")
+def analysis_page(job_id: str):
+    from .analysis_plots import colour_index
+
+    job = _analysis_job(job_id)
+    result = job.get("result")
+    if result:
+        result["ranked"] = sorted(((k, v) for k, v in result["summary"].items() if v > 0),
+                                  key=lambda kv: kv[1], reverse=True)
+        for event in result["events"]:
+            event["colour"] = colour_index(event["label"])
+    return render_template("analyse.html", active="analyse", job=job, result=result)
+
+
+@ui.get("/analyse/<job_id>/audio")
+def analysis_audio(job_id: str):
+    """The recording, with range requests (the player seeks to an event)."""
+    from src import analysis_jobs
+
+    try:
+        path = analysis_jobs.audio_path(job_id, services.state().settings)
+    except analysis_jobs.AnalysisJobNotFound:
+        abort(404)
+    with open(path, "rb") as f:
+        mime = _audio_mime(f.read(12))
+    return send_file(path, mimetype=mime, conditional=True, max_age=0)
+
+
+@ui.get("/analyse/<job_id>/<kind>.png")
+def analysis_png(job_id: str, kind: str):
+    from . import analysis_plots
+
+    draw = {"timeline": analysis_plots.timeline_png, "summary": analysis_plots.summary_png}
+    result = _analysis_job(job_id).get("result")
+    if kind not in draw or not result:
+        abort(404)
+    return Response(draw[kind](result), mimetype="image/png",
+                    headers={"Cache-Control": "private, max-age=3600"})
+
+
 # --------------------------------------------------------------------------- data
 
 _visual_threads: dict[str, threading.Thread] = {}  # data folder → its renderer

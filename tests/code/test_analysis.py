@@ -325,3 +325,59 @@ def test_predict_says_how_much_it_heard(client, clip):
                        content_type="audio/wav").get_json()
     assert body["duration_s"] == pytest.approx(min(12.0, 4 * len(y) / sr), abs=0.01)
     assert body["analysed_s"] == 4.0
+
+
+# --------------------------------------------------------------------------- UI
+
+
+def test_analyse_page_end_to_end(client, clip, monkeypatch):
+    from src.settings import get_settings
+
+    monkeypatch.setenv("URBANSOUND_ANALYZE_MIN_CONFIDENCE", "0")  # the quick model is unsure
+    get_settings.cache_clear()
+    y, sr = sf.read(io.BytesIO(clip), dtype="float32")
+    long = io.BytesIO()
+    sf.write(long, np.tile(y, 3), sr, format="WAV")
+    page = client.get("/analyse")
+    assert page.status_code == 200 and b'data-testid="analyse-form"' in page.data
+    assert b'href="/analyse"' in client.get("/").data  # the nav link and the predict page's
+    response = client.post("/analyse", data={"file": (io.BytesIO(long.getvalue()), "s.wav")})
+    assert response.status_code == 302, response.data[:300]
+    url = response.headers["Location"]
+    page = client.get(url)
+    html = page.data.decode()
+    assert page.status_code == 200 and 'data-testid="analysis"' in html
+    job = client.get("/api/v1" + url.replace("/analyse/", "/analyses/")).get_json()
+    assert job["result"]["events"]
+    for event in job["result"]["events"]:  # each event plays its own stretch
+        assert f'data-play-start="{event["start_s"]}"' in html
+        assert f'#t={event["start_s"]},{event["end_s"]}' in html
+    assert 'data-testid="summary"' in html
+    for kind in ("timeline", "summary"):
+        image = client.get(f"{url}/{kind}.png")
+        assert image.status_code == 200 and image.mimetype == "image/png"
+        assert image.data.startswith(b"\x89PNG")
+    audio = client.get(f"{url}/audio", headers={"Range": "bytes=0-99"})
+    assert audio.status_code == 206 and len(audio.data) == 100 and audio.mimetype == "audio/wav"
+    assert client.get(url.replace("/analyse/", "/analyse/x")).status_code == 404
+    assert client.get(f"{url}/other.png").status_code == 404
+
+
+def test_analyse_page_errors_and_csrf(client, make_app):
+    response = client.post("/analyse", data={"file": (io.BytesIO(b"junk" * 50), "x.wav")})
+    assert response.status_code == 415 and b'data-testid="analyse-error"' in response.data
+    assert client.post("/analyse", data={}).status_code == 400
+    guarded = make_app(WTF_CSRF_ENABLED=True).test_client()
+    assert guarded.post("/analyse", data={"file": (io.BytesIO(b"x"), "x.wav")}).status_code \
+        == 400
+
+
+def test_predict_page_says_when_it_heard_only_the_start(client, clip):
+    y, sr = sf.read(io.BytesIO(clip), dtype="float32")
+    long = io.BytesIO()
+    sf.write(long, np.tile(y, 4)[: 12 * sr], sr, format="WAV")
+    page = client.post("/predict", data={"file": (io.BytesIO(long.getvalue()), "long.wav")})
+    assert page.status_code == 200
+    assert b'data-testid="partly-heard"' in page.data and b'href="/analyse"' in page.data
+    short = client.post("/predict", data={"file": (io.BytesIO(clip), "short.wav")})
+    assert b'data-testid="partly-heard"' not in short.data

@@ -2,8 +2,9 @@
    microphone recording (encoded to WAV here, then sent through the normal form), folder upload
    with relative paths (so folder names become labels), live job progress with training curves
    (an SVG drawn here: no chart library, nothing inline, so the strict CSP holds), "Wrong? It
-   was ..." corrections without leaving the prediction, and the footer's served model kept
-   current (polls /api/v1/health while the page is visible). */
+   was ..." corrections without leaving the prediction, the footer's served model kept
+   current (polls /api/v1/health while the page is visible), and on the Analyse page a click
+   on an event plays just that stretch. */
 "use strict";
 
 (function () {
@@ -364,7 +365,29 @@
     setTimeout(poll, 2000);
   }
 
+  // ------------------------------------------------------------------ analysis: play an event
+  // Without this, an event's link opens the recording at a media fragment (#t=start,end);
+  // with it, the page's own player seeks there and stops at the event's end.
+  function setupEventPlayer() {
+    const player = document.querySelector("[data-analysis-player]");
+    if (!player) return;
+    let stopAt = null;
+    player.addEventListener("timeupdate", () => {
+      if (stopAt !== null && player.currentTime >= stopAt) { player.pause(); stopAt = null; }
+    });
+    document.querySelectorAll("[data-play-start]").forEach((link) => {
+      link.addEventListener("click", (event) => {
+        event.preventDefault();
+        const start = parseFloat(link.dataset.playStart);
+        stopAt = parseFloat(link.dataset.playEnd);
+        player.currentTime = start;
+        player.play().catch(() => { stopAt = null; });
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    setupEventPlayer();
     setupRecorder();
     setupUpload();
     setupJob();
