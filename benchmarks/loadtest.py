@@ -1,6 +1,15 @@
 """Load test: the same Locust profile against 1, 2 and 4 replicas behind nginx.
 
     .venv/bin/python benchmarks/loadtest.py [--replicas 1 2 4] [--users 12] [--duration 60]
+    .venv/bin/python benchmarks/loadtest.py --docker [--replicas 1 2 4] ...
+
+With ``--docker`` the replicas are **web containers** of the Docker Compose deployment: it is
+built and started once with ``scripts/docker_e2e.sh --up`` (the images, Postgres, Redis, the
+worker, Flower and the nginx container, on 127.0.0.1), each run scales the ``web`` service to N
+(``--scale web=N``, same gunicorn workers and torch threads per replica as the process
+topology below), waits until nginx spreads predictions over all N, and the deployment is
+removed with ``scripts/docker_e2e.sh --down`` at the end, also after a failure. Server CPU is
+then read from the containers' cgroups (nginx + web containers).
 
 For each replica count it brings the local topology up with ``urbansound stack up --replicas
 N`` (nginx + N gunicorn replicas + Celery worker + Flower, against the Postgres and Redis
@@ -27,10 +36,12 @@ import csv
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PREDICT = "POST /api/v1/predict"
 FIELDS = ["replicas", "workers_per_replica", "torch_threads", "users", "duration_s",
           "requests", "failures", "success_rate", "requests_per_s", "predictions",
-          "predictions_per_s", "p50_ms", "p95_ms", "p99_ms", "all_p95_ms", "replica_share",
-          "server_cpu_ms_per_request", "client_cpu_ms_per_request", "other_cores",
+          "predictions_per_s", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "all_p95_ms",
+          "replica_share", "server_cpu_ms_per_request", "client_cpu_ms_per_request", "other_cores",
           "model_versions"]
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -88,12 +99,13 @@ def warm_up(url: str, clips: list[Path], rounds: int) -> None:
 
 class CpuMeter:
     """CPU seconds used while Locust runs, split three ways, so results taken on a shared
-    machine can be read honestly: the serving processes (nginx + replicas, by process group),
-    the Locust client (this process's waited-for children), and everything else on the
-    machine (other users' work: ``other_cores`` is how many cores it took on average)."""
+    machine can be read honestly: the serving processes (nginx + replicas: process groups, or
+    containers' cgroups), the Locust client (this process's waited-for children), and
+    everything else on the machine (other users' work: ``other_cores`` is how many cores it
+    took on average). ``serving`` and ``idle`` return cumulative CPU seconds."""
 
-    def __init__(self, serving_groups: set[int], idle_groups: set[int]):
-        self.serving, self.idle = serving_groups, idle_groups
+    def __init__(self, serving: Callable[[], float], idle: Callable[[], float]):
+        self.serving, self.idle = serving, idle
 
     @staticmethod
     def group_cpu(groups: set[int]) -> float:
@@ -119,7 +131,7 @@ class CpuMeter:
         import resource
 
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (time.monotonic(), self.group_cpu(self.serving), self.group_cpu(self.idle),
+        return (time.monotonic(), self.serving(), self.idle(),
                 children.ru_utime + children.ru_stime, self.machine_busy())
 
     def between(self, a: tuple[float, ...], b: tuple[float, ...]) -> dict[str, float]:
@@ -168,6 +180,7 @@ def row_for(n: int, workers: int, threads: int, args: argparse.Namespace,
         "requests_per_s": round(float(agg["Requests/s"]), 1),
         "predictions": int(pred.get("Request Count", 0)),
         "predictions_per_s": round(float(pred.get("Requests/s", 0.0)), 1),
+        "mean_ms": round(float(pred.get("Average Response Time", "nan")), 1),
         "p50_ms": float(pred.get("50%", "nan")), "p95_ms": float(pred.get("95%", "nan")),
         "p99_ms": float(pred.get("99%", "nan")), "all_p95_ms": float(agg["95%"]),
         "replica_share": "/".join(f"{100 * s / total:.0f}" for s in shares),
@@ -185,40 +198,143 @@ def stack_meter() -> CpuMeter:
     if state is None:
         raise RuntimeError("stack up left no state file")
     serving = {p.pid for p in state.processes if p.name == "nginx" or p.name.startswith("web-")}
-    return CpuMeter(serving, {p.pid for p in state.processes} - serving)
+    idle = {p.pid for p in state.processes} - serving
+    return CpuMeter(lambda: CpuMeter.group_cpu(serving), lambda: CpuMeter.group_cpu(idle))
 
 
-def one_run(n: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def container_cpu(container_id: str) -> float:
+    """Cumulative CPU seconds of one container, from its cgroup (v1 cpuacct, or v2)."""
+    cg = Path("/sys/fs/cgroup")
+    v1 = cg / "cpuacct" / "docker" / container_id / "cpuacct.usage"
+    if v1.is_file():
+        return int(v1.read_text()) / 1e9
+    for v2 in (cg / "docker" / container_id / "cpu.stat",
+               cg / "system.slice" / f"docker-{container_id}.scope" / "cpu.stat"):
+        if v2.is_file():
+            for line in v2.read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+    raise RuntimeError(f"no CPU accounting found for container {container_id[:12]}")
+
+
+class DockerDeployment:
+    """The Compose deployment ``scripts/docker_e2e.sh --up`` started (its settings are in the
+    state folder's ``docker/current.env``): scale the web service, meter its containers."""
+
+    def __init__(self, state: Path):
+        values = {}
+        for line in (state / "docker" / "current.env").read_text().splitlines():
+            key, _, value = line.partition("=")
+            values[key] = shlex.split(value)[0] if value else ""
+        self.project, self.run_dir = values["PROJECT"], Path(values["RUN_DIR"])
+        self.command = values["COMPOSE_CMD"].split()
+
+    def compose(self, *args: str, env: dict[str, str] | None = None) -> None:
+        env_file = str(self.run_dir / "e2e.env")
+        out = subprocess.run([*self.command, "-p", self.project, "--env-file", env_file,
+                              "-f", str(ROOT / "docker-compose.yml"), *args], cwd=ROOT,
+                             env={**os.environ, "URBANSOUND_ENV_FILE": env_file, **(env or {})},
+                             capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"compose {' '.join(args)}: {out.stderr.strip()[-800:]}")
+
+    def containers(self, service: str | None = None) -> list[str]:
+        labels = [f"label=com.docker.compose.project={self.project}"]
+        if service:
+            labels.append(f"label=com.docker.compose.service={service}")
+        out = subprocess.run(["docker", "ps", "-q", "--no-trunc",
+                              *[a for label in labels for a in ("--filter", label)]],
+                             capture_output=True, text=True, timeout=60, check=True)
+        return out.stdout.split()
+
+    def healthy(self, ids: list[str]) -> bool:
+        out = subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", *ids],
+                             capture_output=True, text=True, timeout=60)
+        return out.returncode == 0 and set(out.stdout.split()) == {"healthy"}
+
+    def scale(self, n: int, workers: int, threads: int, url: str, clip: Path) -> None:
+        """N web containers, each with ``workers`` gunicorn workers of ``threads`` torch
+        threads (changed settings recreate the containers), all healthy, and nginx spreading
+        predictions over all N (it re-resolves the service name within seconds)."""
+        self.compose("up", "-d", "--no-build", "--scale", f"web={n}", env={
+            "URBANSOUND_WEB_WORKERS": str(workers), "WEB_TORCH_THREADS": str(threads),
+            "WEB_CPUS": str(len(os.sched_getaffinity(0)))})
+        deadline = time.monotonic() + 300
+        while True:
+            ids = self.containers("web")
+            if len(ids) == n and self.healthy(ids):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(ids)} web containers, not {n} healthy, after 300 s")
+            time.sleep(2)
+        seen: set[str] = set()
+        while len(seen) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx reached {len(seen)} of {n} web containers")
+            req = urllib.request.Request(f"{url}/api/v1/predict", data=clip.read_bytes(),
+                                         headers={"Content-Type": "audio/flac"}, method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                seen.add(r.headers.get("X-Upstream", "?"))
+
+    def meter(self) -> CpuMeter:
+        serving = self.containers("web") + self.containers("nginx")
+        idle = sorted(set(self.containers()) - set(serving))
+        return CpuMeter(lambda: sum(map(container_cpu, serving)),
+                        lambda: sum(map(container_cpu, idle)))
+
+
+def one_run(n: int, args: argparse.Namespace, out: Path,
+            docker: DockerDeployment | None = None) -> dict[str, Any]:
     from src.cpu import torch_threads, workers_per_replica
 
     workers = args.workers or workers_per_replica(n)
     threads = int(os.environ.get("URBANSOUND_TORCH_THREADS") or torch_threads(n, workers))
-    up_args = ["stack", "up", "--replicas", str(n), "--port", str(args.port),
-               "--flower-port", str(args.flower_port), "--timeout", "300"]
-    if args.workers:
-        up_args += ["--workers", str(args.workers)]
-    if args.threads:
-        up_args += ["--threads", str(args.threads)]
-    print(f"== {n} replica(s): stack up ...", flush=True)
-    started = urbansound(*up_args, timeout=420)
-    if started.returncode != 0:
-        raise RuntimeError(f"stack up --replicas {n} failed: {started.stderr.strip()}")
+    url = f"http://127.0.0.1:{args.port}"
+    clips = find_clips(args.clips, 20)
+    if docker is not None:
+        print(f"== {n} web container(s): compose up --scale web={n} ...", flush=True)
+        docker.scale(n, workers, threads, url, clips[0])
+        meter_for: Callable[[], CpuMeter] = docker.meter
+        stop: Callable[[], None] = lambda: None  # noqa: E731 (the deployment outlives a run)
+    else:
+        up_args = ["stack", "up", "--replicas", str(n), "--port", str(args.port),
+                   "--flower-port", str(args.flower_port), "--timeout", "300"]
+        if args.workers:
+            up_args += ["--workers", str(args.workers)]
+        if args.threads:
+            up_args += ["--threads", str(args.threads)]
+        print(f"== {n} replica(s): stack up ...", flush=True)
+        started = urbansound(*up_args, timeout=420)
+        if started.returncode != 0:
+            raise RuntimeError(f"stack up --replicas {n} failed: {started.stderr.strip()}")
+        meter_for, stop = stack_meter, stack_down
     try:
-        url = f"http://127.0.0.1:{args.port}"
-        warm_up(url, find_clips(args.clips, 20), rounds=10 * n)
+        warm_up(url, clips, rounds=10 * n)
         time.sleep(2)
         print(f"   locust: {args.users} users, {args.duration} s ...", flush=True)
-        meter = stack_meter()
-        stats, seen, cpu = run_locust(url, args, out / f"locust_{n}", meter)
+        stats, seen, cpu = run_locust(url, args, out / f"locust_{n}", meter_for())
     finally:
-        stopped = urbansound("stack", "down", timeout=120)
-        if stopped.returncode != 0:
-            print(f"warning: stack down: {stopped.stderr.strip()}", file=sys.stderr)
+        stop()
     row = row_for(n, workers, threads, args, stats, seen, cpu)
     print(f"   {row['predictions_per_s']} predictions/s, p95 {row['p95_ms']:.0f} ms, "
           f"success {row['success_rate']}%, server CPU {row['server_cpu_ms_per_request']} "
           f"ms/request, others used {row['other_cores']} cores", flush=True)
     return row
+
+
+def stack_down() -> None:
+    stopped = urbansound("stack", "down", timeout=120)
+    if stopped.returncode != 0:
+        print(f"warning: stack down: {stopped.stderr.strip()}", file=sys.stderr)
+
+
+def e2e_script(*args: str, port: int) -> None:
+    """``scripts/docker_e2e.sh --up|--down`` (its output passes through: it says what it
+    built and checked)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "docker_e2e.sh"), *args], cwd=ROOT,
+                         env={**os.environ, "E2E_HTTP_PORT": str(port)}, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"scripts/docker_e2e.sh {' '.join(args)} failed ({out.returncode})")
 
 
 def markdown(rows: list[dict[str, Any]], description: str, args: argparse.Namespace) -> str:
@@ -227,17 +343,22 @@ def markdown(rows: list[dict[str, Any]], description: str, args: argparse.Namesp
         f"{args.think_ms} ms, {args.duration} s per run) runs on the same machine. Latency "
         "is for predictions, through nginx, as the client sees it. Server CPU = CPU time of "
         "nginx and the replicas per request (all endpoints); 'cores used by others' = the "
-        "machine's busy time not spent by this test (other users of a shared machine).",
+        "machine's busy time not spent by this test (other users of a shared machine)."
+        + (" Topology: Docker Compose (docker-compose.yml), N `web` containers behind the "
+           "nginx container, Postgres, Redis, the Celery worker and Flower as containers; "
+           "server CPU read from the containers' cgroups." if args.docker else ""),
         "",
-        "| replicas | workers x torch threads | req/s (all) | predictions/s | predict p50 ms "
+        f"| {'web containers' if args.docker else 'replicas'} | workers x torch threads "
+        "| req/s (all) | predictions/s | predict mean ms | p50 ms "
         "| p95 ms | p99 ms | success | spread over replicas (%) | server CPU ms/req "
         "| cores used by others |",
-        "|---:|:---:|---:|---:|---:|---:|---:|---:|:---|---:|---:|",
+        "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|:---|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['replicas']} | {r['workers_per_replica']} x {r['torch_threads']} | "
-            f"{r['requests_per_s']:.1f} | {r['predictions_per_s']:.1f} | {r['p50_ms']:.0f} | "
+            f"{r['requests_per_s']:.1f} | {r['predictions_per_s']:.1f} | {r['mean_ms']:.0f} | "
+            f"{r['p50_ms']:.0f} | "
             f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['success_rate']:.2f}% | "
             f"{r['replica_share']} | {r['server_cpu_ms_per_request']:.1f} | "
             f"{r['other_cores']:.2f} |")
@@ -290,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="gunicorn workers per replica "
                    "(0: cores / replicas).")
     p.add_argument("--threads", type=int, default=0, help="gthread threads per worker.")
-    p.add_argument("--out", type=Path, default=ROOT / "artifacts" / "loadtest")
+    p.add_argument("--out", type=Path, default=None, help="Results folder (default: "
+                   "artifacts/loadtest, or artifacts/loadtest-docker with --docker).")
+    p.add_argument("--docker", action="store_true", help="Web containers of the Docker "
+                   "Compose deployment instead of `urbansound stack` processes.")
     p.add_argument("--check-floors", action="store_true", help="Exit 1 unless the 2-replica "
                    "run reaches the issue's floors (>= 100 predictions/s, p95 <= 150 ms, "
                    "100%% success).")
@@ -299,10 +423,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--duration must be 1-600 s and --users 1-200 (bounded load only)")
     if not find_clips(args.clips, 1):
         p.error(f"no audio clips under {args.clips}")
+    args.out = args.out or ROOT / "artifacts" / ("loadtest-docker" if args.docker else "loadtest")
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
     description = machine()
-    rows = [one_run(n, args, args.out) for n in args.replicas]
+    if args.docker:
+        e2e_script("--up", port=args.port)
+        try:  # the state folder as the script resolves it (relative to the repository)
+            docker = DockerDeployment(ROOT / os.environ.get("URBANSOUND_STATE_DIR", "var"))
+            rows = [one_run(n, args, args.out, docker) for n in args.replicas]
+        finally:
+            e2e_script("--down", port=args.port)
+    else:
+        rows = [one_run(n, args, args.out) for n in args.replicas]
 
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -12,6 +12,9 @@
 #                                     swarm: replicas, a rolling update of web with zero failed
 #                                     predictions, a killed replica replaced
 #   --keep                            leave the deployment running (no teardown) to look at it
+#   --up / --down                     build and start it, ready, and leave it running (its
+#                                     settings in $STATE/current.env: benchmarks/loadtest.py
+#                                     --docker drives it from there) / tear that one down
 #
 # What it sets up (and undoes): Debian's docker.io (+ docker-compose when `docker compose` is
 # missing) are installed if absent; dockerd is started if not running and stopped at the end
@@ -37,6 +40,8 @@ for arg in "$@"; do
     --reduced) MODE=reduced ;;
     --swarm) MODE=swarm ;;
     --keep) KEEP=1 ;;
+    --up) MODE=up KEEP=1 ;;
+    --down) MODE=down ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option: $arg (see --help)" >&2; exit 2 ;;
   esac
@@ -84,7 +89,7 @@ teardown() {
     fi
   fi
   [[ -n "$SWARM_INIT" && -z "$KEEP" ]] && docker swarm leave --force >/dev/null
-  [[ -n "$RUN_DIR" ]] && rm -rf "$RUN_DIR"
+  [[ -n "$RUN_DIR" && -z "$KEEP" ]] && rm -rf "$RUN_DIR" "$STATE/current.env"
   if [[ -n "$STARTED_DOCKERD" && -z "$KEEP" ]]; then
     say "stopping the dockerd this script started (pid $STARTED_DOCKERD)"
     $SUDO kill "$STARTED_DOCKERD"
@@ -263,7 +268,7 @@ run_compose() {
   local line
   line=$("${CHECKS[@]}" predict "$URL" "$CLIP") || die "prediction through nginx"
   ok "${line#ok: }"
-  [[ "$MODE" == reduced ]] && return 0
+  [[ "$MODE" == reduced || "$MODE" == up ]] && return 0
 
   local code
   code=$(curl -s -o /dev/null -w '%{http_code}' -u "$FLOWER_AUTH" "http://127.0.0.1:$FLOWER_PORT/api/workers")
@@ -305,8 +310,19 @@ run_compose() {
 }
 
 ensure_engine
+if [[ "$MODE" == down ]]; then
+  [[ -f "$STATE/current.env" ]] || { echo "nothing started with --up ($STATE/current.env)"; exit 0; }
+  # shellcheck disable=SC1091
+  source "$STATE/current.env"
+  DEPLOYED=1
+  exit 0   # the teardown trap does the rest
+fi
 build_images
 write_env
+if [[ "$MODE" == up ]]; then
+  printf 'PROJECT=%q\nRUN_DIR=%q\nURL=%q\nCOMPOSE_CMD=%q\n' "$PROJECT" "$RUN_DIR" "$URL" \
+    "${COMPOSE[*]}" > "$STATE/current.env"
+fi
 if [[ "$MODE" == swarm ]]; then
   # shellcheck source=scripts/docker/swarm_e2e.sh
   source scripts/docker/swarm_e2e.sh
