@@ -99,8 +99,11 @@ def create(recording: IO[bytes] | Path, name: str | None, params: dict[str, Any]
 
 
 def fail(job_id: str, reason: str, settings: Settings | None = None) -> dict[str, Any]:
-    """Mark a job failed (the broker refused it, the worker hit an error)."""
+    """Mark a job failed (the broker refused it, no worker took it in time, its worker went
+    silent or hit an error). Failed is final: the claim is taken too, so a message delivered
+    late never runs a job its poller was already told had failed."""
     folder = job_dir(job_id, settings)
+    os.close(os.open(folder / "claimed", os.O_CREAT | os.O_WRONLY))
     state = _read_json(folder / "state.json") or {"id": job_id}
     state.update(status="failed", error=reason, finished_at=_now())
     _write_state(folder, state)

@@ -385,3 +385,44 @@ def test_predict_page_says_when_it_heard_only_the_start(client, clip):
     assert b'data-testid="partly-heard"' in page.data and b'href="/analyse"' in page.data
     short = client.post("/predict", data={"file": (io.BytesIO(clip), "short.wav")})
     assert b'data-testid="partly-heard"' not in short.data
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def test_analysis_jobs_fail_clearly_and_stay_failed(isolated_settings, monkeypatch):
+    import time
+
+    from src import analysis_jobs
+    from src.preprocessing import AudioError
+    from src.settings import get_settings
+
+    job = analysis_jobs.create(io.BytesIO(b"RIFF...."), "x.wav", {}, isolated_settings)
+    folder = isolated_settings.state_dir / "analyses" / job["id"]
+
+    def broken(path, on_progress):
+        on_progress(1.0, 2.0)
+        raise AudioError("undecodable", "Not a readable audio file.")
+
+    failed = analysis_jobs.run(job["id"], broken, isolated_settings)
+    assert failed["status"] == "failed" and failed["done"]
+    assert failed["error"] == "Not a readable audio file."
+    assert not (folder / "audio").exists()  # an API job keeps no recording
+
+    monkeypatch.setenv("URBANSOUND_JOB_QUEUE_TIMEOUT_S", "0")
+    get_settings.cache_clear()
+    settings = get_settings()
+    late = analysis_jobs.create(io.BytesIO(b"RIFF...."), "y.wav", {}, settings)
+    time.sleep(0.05)
+    seen = analysis_jobs.get(late["id"], settings)
+    assert seen["status"] == "failed" and "No worker picked" in seen["error"]
+    ran: list = []
+    assert analysis_jobs.run(late["id"], lambda p, cb: ran.append(p) or {}, settings)["skipped"]
+    assert not ran  # told it failed, it never runs afterwards
+
+    removed = analysis_jobs.sweep(settings, now=time.time() + settings.analysis_keep_s + 10)
+    assert set(removed) == {job["id"], late["id"]}
+    with pytest.raises(analysis_jobs.AnalysisJobNotFound):
+        analysis_jobs.get(job["id"], settings)
+    with pytest.raises(analysis_jobs.AnalysisJobNotFound):
+        analysis_jobs.job_dir("../../etc", settings)
