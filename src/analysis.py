@@ -223,7 +223,7 @@ def stream_mono(source: AudioSource, sample_rate: int, block_s: float = BLOCK_S,
                                  "(URBANSOUND_ANALYZE_MAX_SECONDS).")
                 read += len(block)
                 last = len(block) < want or want <= 0
-                y = to_mono(block)
+                y = downmix(block)
                 if not np.isfinite(y).all():
                     bad = int((~np.isfinite(y)).sum())
                     notes.append(f"{bad} non-finite samples near {read / sr_in:.1f} s were "
@@ -237,6 +237,18 @@ def stream_mono(source: AudioSource, sample_rate: int, block_s: float = BLOCK_S,
                     return
 
     return _Stream(blocks(), sr_in, f.channels, f.frames, notes)
+
+
+def downmix(block: np.ndarray) -> np.ndarray:
+    """``preprocessing.to_mono``, bit for bit, without BLAS for stereo: ``(L + R) * 0.5``
+    rounds exactly as ``0.5 L + 0.5 R`` does (halving is exact in binary floating point), but
+    a plain add never wakes BLAS threads, which on a busy machine spin for longer than the
+    sum takes (0.8 s of a 10-minute file's 2.6 s, measured under load)."""
+    if block.ndim == 2 and block.shape[1] == 2:
+        out: np.ndarray = np.add(block[:, 0], block[:, 1], dtype=np.float32)
+        out *= np.float32(0.5)
+        return out
+    return to_mono(block)
 
 
 def _read_block(f: Any, frames: int) -> tuple[np.ndarray, str | None]:

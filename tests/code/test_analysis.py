@@ -89,6 +89,11 @@ def test_a_window_is_what_predict_answers(tmp_path, served, confident_clips):
     assert result.windows[0].label == expected.label
     assert result.windows[0].probabilities == expected.probabilities
 
+    stereo = np.stack([clip, np.roll(clip, 1000) * 0.3], axis=1)  # two different channels
+    path = wav(tmp_path / "stereo.wav", stereo, 22050)
+    assert analyse(path, served, Options()).windows[0].probabilities == \
+        served.predict(path).probabilities
+
     y = np.concatenate([c for clips in confident_clips.values() for c in clips[:1]])
     long = analyse(wav(tmp_path / "three.wav", y, 22050), served, Options())
     middle = next(w for w in long.windows if w.start_s == 4.0)
@@ -122,6 +127,16 @@ def test_a_file_whose_header_lies_about_its_length(tmp_path, served, confident_c
     lying = tmp_path / "lying.wav"
     lying.write_bytes(bytes(wav_bytes))
     assert analyse(lying, served, Options()).duration_s == pytest.approx(8.0)
+
+
+def test_downmix_is_to_mono_bit_for_bit():
+    from src.analysis import downmix
+    from src.preprocessing import to_mono
+
+    rng = np.random.default_rng(0)
+    for channels in (1, 2, 3, 6):
+        block = rng.standard_normal((50_000, channels)).astype(np.float32)
+        assert np.array_equal(downmix(block), to_mono(block))
 
 
 def test_silence_is_silence(tmp_path, served):
