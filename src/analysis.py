@@ -85,8 +85,9 @@ class Options:
 
         s = get_settings()
         clip = config.clip_seconds if config is not None else math.inf
-        window = window_s or min(s.analyze_window_s, clip)
-        return cls(window_s=window, hop_s=hop_s or min(s.analyze_hop_s, window),
+        window = min(s.analyze_window_s, clip) if window_s is None else window_s
+        return cls(window_s=window, hop_s=min(s.analyze_hop_s, window) if hop_s is None
+                   else hop_s,
                    min_confidence=s.analyze_min_confidence, silence_dbfs=s.analyze_silence_dbfs,
                    batch_size=s.analyze_batch_size, max_seconds=s.analyze_max_seconds,
                    min_seconds=s.min_clip_seconds, **overrides)
