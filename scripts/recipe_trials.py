@@ -31,6 +31,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "bands": ({"freq_pool": "bands"}, {}),
     "bands-noeq": ({"freq_pool": "bands", "eq_std": 0.0, "band_shift": 0}, {}),
     "noeq": ({"eq_std": 0.0, "band_shift": 0}, {}),
+    "eq-strong": ({"eq_std": 0.6, "band_shift": 3}, {}),
 }
 
 
@@ -78,7 +79,9 @@ def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
     cfg, config = configs(name, seed, epochs)
     start = time.time()
     summary = grouped_cv(US8K, exclude_folds={3}, k=k, cfg=cfg, config=config,
-                         cache_dir=cache, seed=0)
+                         cache_dir=cache, seed=0, on_fold=lambda r: print(
+                             f"{r['fold']}: accuracy {r['accuracy']:.3f} macro-F1 "
+                             f"{r['macro_f1']:.3f} ({r['seconds']:.0f} s)", flush=True))
     record({"variant": name, "seed": seed, "protocol": f"grouped-{k}", "epochs": epochs,
             **{key: summary[key] for key in ("accuracy_mean", "accuracy_std", "macro_f1_mean",
                                              "macro_f1_std")},

@@ -70,3 +70,22 @@ def test_distilled_student_follows_its_teachers_not_the_labels(quick_model, synt
     taught = predict_logits(teacher, test.x).argmax(1).numpy()
     assert (said == taught).mean() >= 0.5  # chance agreement is ~0.1
     assert (said == (test.y + 1) % 10).mean() <= 0.2
+
+
+def test_band_head_round_trips_and_older_checkpoints_load_with_the_mean_head(quick_model):
+    """The head is part of the checkpoint's ``arch``; one written before it existed (no
+    ``freq_pool``) must still load, as the mean head it was trained with."""
+    from src.model import AudioCNN, build_model, make_checkpoint
+    from src.preprocessing import CLASSES
+
+    x = torch.randn(2, FeatureConfig().n_samples)
+    banded = AudioCNN(freq_pool="bands").eval()
+    ckpt = make_checkpoint(banded, CLASSES, "b-1", None, {}, {})
+    assert ckpt["arch"]["freq_pool"] == "bands"
+    with torch.inference_mode():
+        assert torch.equal(build_model(ckpt)(x), banded(x))
+    old = dict(quick_model.checkpoint, arch={k: v for k, v in
+                                             quick_model.checkpoint["arch"].items()
+                                             if k != "freq_pool"})
+    model = build_model(old)
+    assert model.freq_pool == "mean" and model.head.in_features == 2 * old["arch"]["widths"][-1]
