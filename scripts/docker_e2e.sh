@@ -70,13 +70,14 @@ teardown() {
   if [[ -n "$DEPLOYED" && -z "$KEEP" ]]; then
     if [[ $rc -ne 0 ]]; then
       say "failed: the last lines of every container's log"
-      for c in $(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" \
-                            --filter "label=com.docker.stack.namespace=$PROJECT"); do
+      for c in $(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT";
+                 docker ps -aq --filter "label=com.docker.stack.namespace=$PROJECT"); do
         echo "--- $(docker inspect -f '{{.Name}}' "$c")"; docker logs --tail 15 "$c" 2>&1
       done
     fi
     say "teardown (containers, network, volumes)"
     if [[ "$MODE" == swarm ]]; then
+      docker rm -f "$PROJECT-probe" >/dev/null 2>&1
       docker stack rm "$PROJECT" >/dev/null
       for _ in $(seq 60); do   # the stack's tasks go first, then its volumes can
         [[ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$PROJECT")" ]] && break
@@ -263,8 +264,6 @@ run_compose() {
     || die "a port is published beyond 127.0.0.1: $published"
   ok "published ports, loopback only: $published"
 
-  CLIP=$(find "$CLIPS" -type f \( -name '*.flac' -o -name '*.wav' \) | sort | sed -n 1p)
-  [[ -n "$CLIP" ]] || die "no clips under $CLIPS"
   local line
   line=$("${CHECKS[@]}" predict "$URL" "$CLIP") || die "prediction through nginx"
   ok "${line#ok: }"
@@ -317,6 +316,9 @@ if [[ "$MODE" == down ]]; then
   DEPLOYED=1
   exit 0   # the teardown trap does the rest
 fi
+CLIP=$(find "$CLIPS" -type f \( -name '*.flac' -o -name '*.wav' \) | sort | sed -n 1p)
+[[ -n "$CLIP" ]] || die "no clips under $CLIPS"
+CLIP_REL=${CLIP#"$CLIPS"/}
 build_images
 write_env
 if [[ "$MODE" == up ]]; then

@@ -1,5 +1,5 @@
-"""Offline checks of the deployment files (this machine has a Docker client but no engine, so
-nothing here builds an image or starts a container):
+"""Static checks of the deployment files; nothing here builds an image or starts a container
+(``scripts/docker_e2e.sh`` does that, with a real engine):
 
 * ``docker-compose.yml``, interpolated with ``.env.example`` as Compose would, validates
   against the Compose Specification JSON schema (the copy vendored by the ``check-jsonschema``
@@ -162,7 +162,8 @@ def test_compose_topology(compose) -> None:
     assert shared & set(compose["volumes"]), "web and worker must share the models volume"
     for name in ("migrate", "web", "worker", "flower"):
         svc = services[name]
-        assert svc["env_file"][0]["path"] == ".env"
+        # a plain path: Compose 1.29 (Debian's) rejects the `path:`/`required:` form
+        assert svc["env_file"] == [".env"]
         env = svc["environment"]
         assert env["URBANSOUND_DATABASE_URL"].startswith("postgresql+psycopg2://")
         assert env["URBANSOUND_BROKER_URL"].startswith("redis://redis:6379/")
@@ -170,6 +171,72 @@ def test_compose_topology(compose) -> None:
         if "build" in svc:
             assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file(), name
     assert services["flower"]["command"][:4] == ["celery", "-A", "worker.make_celery", "flower"]
+
+
+def test_compose_runs_on_compose_1_29_and_publishes_on_loopback_only(compose_raw,
+                                                                     compose) -> None:
+    """What the first real run (Debian's Compose 1.29, no registry) needed: no top-level
+    `name:` (1.29 rejects it), images of postgres/redis/nginx chosen by variables (the e2e
+    script substitutes local stand-ins), and every published port bound to 127.0.0.1 unless
+    the operator says otherwise."""
+    assert "name" not in compose_raw
+    for name, var in (("postgres", "POSTGRES_IMAGE"), ("redis", "REDIS_IMAGE"),
+                      ("nginx", "NGINX_IMAGE")):
+        assert compose_raw["services"][name]["image"].startswith(f"${{{var}:-"), name
+    published = [(name, p) for name, svc in compose["services"].items()
+                 for p in svc.get("ports", [])]
+    assert {n for n, _ in published} == {"nginx", "flower"}
+    for name, port in published:
+        assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_dockerfiles_build_without_a_registry_or_network() -> None:
+    """No `# syntax=` line (it makes BuildKit pull a frontend image from a registry); the
+    offline path installs from deploy/wheelhouse with --no-index, the online one from the
+    PyTorch CPU index; the wheelhouse's contents stay out of git."""
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), dockerfile.name
+        build = stages(dockerfile)[0]
+        copies = [a for i, a in build if i == "COPY"]
+        assert "deploy/wheelhouse/ /tmp/wheelhouse/" in copies
+        runs = " ".join(a for i, a in build if i == "RUN")
+        assert "--no-index --find-links /tmp/wheelhouse" in runs
+        assert "download.pytorch.org/whl/cpu" in runs
+    assert (ROOT / "deploy" / "wheelhouse" / "README.md").is_file()
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/wheelhouse/torch.whl"],
+                             cwd=ROOT).returncode
+    kept = subprocess.run(["git", "check-ignore", "-q", "deploy/wheelhouse/README.md"],
+                          cwd=ROOT).returncode
+    assert (ignored, kept) == (0, 1), "wheels git-ignored, the README tracked"
+
+
+def test_web_and_worker_images_share_their_layers() -> None:
+    """Both runtime stages are identical down to USER, so the ~1.4 GB virtualenv layer is
+    built and stored once (only labels, health check and command differ)."""
+    def prefix(dockerfile: Path) -> list[tuple[str, str]]:
+        out = []
+        for stage in stages(dockerfile):
+            for ins, args in stage:
+                out.append((ins, args))
+                if ins == "USER":
+                    break
+        return out
+
+    web, worker = (prefix(d) for d in DOCKERFILES)
+    assert web == worker
+    assert any(i == "USER" and a == "urbansound" for i, a in web)
+
+
+def test_e2e_scripts_parse() -> None:
+    for script in ("scripts/docker_e2e.sh", "scripts/docker/base_image.sh",
+                   "scripts/docker/wheelhouse.sh", "scripts/docker/service_images.sh",
+                   "scripts/docker/swarm_e2e.sh", "scripts/docker/services/entrypoint.sh"):
+        out = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{script}: {out.stderr}"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "docker" / "e2e_checks.py")],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "usage" in out.stderr
 
 
 def test_compose_nginx_renders_the_template(compose) -> None:
