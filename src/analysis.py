@@ -24,6 +24,8 @@ Why it is built this way:
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -269,6 +271,49 @@ def _read_block(f: Any, frames: int) -> tuple[np.ndarray, str | None]:
         return out[:got], " ".join(str(exc).split())[:120] or type(exc).__name__
 
 
+def prefetched(blocks: Iterator[np.ndarray], depth: int = 2) -> Iterator[np.ndarray]:
+    """Decode the next blocks in a thread while the model works on this one: libsndfile
+    (through cffi), soxr and numpy release the GIL, so with two cores the decoding hides
+    behind the model. At most ``depth`` blocks wait, so memory stays bounded; an error in the
+    decoder is raised here, in order."""
+    handoff: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                if not put(block):
+                    return
+            put(end)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()  # the decoder's file is closed by the thread that read it
+
+    worker = threading.Thread(target=produce, name="analysis-decode", daemon=True)
+    worker.start()
+    try:
+        while (item := handoff.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
 # --------------------------------------------------------------------------- windows
 
 
@@ -354,7 +399,7 @@ def analyse(source: AudioSource, predictor: Predictor, options: Options | None =
             pending.clear()
             pending_rows.clear()
 
-    for block in stream.blocks:
+    for block in prefetched(stream.blocks):
         envelope.feed(block)
         for start, y in windower.feed(block):
             add(start, y)

@@ -139,6 +139,33 @@ def test_downmix_is_to_mono_bit_for_bit():
         assert np.array_equal(downmix(block), to_mono(block))
 
 
+def test_prefetched_blocks_keep_order_stop_early_and_raise():
+    """The decoding thread hands blocks over in order, stops (closing the decoder) when the
+    analysis stops early, and an error in the decoder is raised in the analysis."""
+    from src.analysis import prefetched
+
+    closed: list[bool] = []
+
+    def blocks():
+        try:
+            for i in range(100):
+                yield np.full(3, i, np.float32)
+        finally:
+            closed.append(True)
+
+    it = prefetched(blocks())
+    assert [int(next(it)[0]) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    assert closed == [True]
+
+    def broken():
+        yield np.zeros(1, np.float32)
+        raise ValueError("corrupt")
+
+    with pytest.raises(ValueError, match="corrupt"):
+        list(prefetched(broken()))
+
+
 def test_silence_is_silence(tmp_path, served):
     from src.analysis import Options, analyse
 
