@@ -79,10 +79,11 @@ class Options:
 
     @classmethod
     def from_settings(cls, window_s: float | None = None, hop_s: float | None = None,
-                      config: FeatureConfig | None = None, **overrides: Any) -> Options:
-        """The settings' options with these window and hop. Left unset, they default to the
-        settings' values capped to what ``config``'s model hears (a model of 2-s clips gets
-        2-s windows); set explicitly, ``check`` judges them."""
+                      config: FeatureConfig | None = None,
+                      min_confidence: float | None = None) -> Options:
+        """The settings' options with these window, hop and threshold. Left unset, window
+        and hop default to the settings' values capped to what ``config``'s model hears (a
+        model of 2-s clips gets 2-s windows); set explicitly, ``check`` judges them."""
         from .settings import get_settings
 
         s = get_settings()
@@ -90,9 +91,10 @@ class Options:
         window = min(s.analyze_window_s, clip) if window_s is None else window_s
         return cls(window_s=window, hop_s=min(s.analyze_hop_s, window) if hop_s is None
                    else hop_s,
-                   min_confidence=s.analyze_min_confidence, silence_dbfs=s.analyze_silence_dbfs,
-                   batch_size=s.analyze_batch_size, max_seconds=s.analyze_max_seconds,
-                   min_seconds=s.min_clip_seconds, **overrides)
+                   min_confidence=s.analyze_min_confidence if min_confidence is None
+                   else min_confidence,
+                   silence_dbfs=s.analyze_silence_dbfs, batch_size=s.analyze_batch_size,
+                   max_seconds=s.analyze_max_seconds, min_seconds=s.min_clip_seconds)
 
     def check(self, config: FeatureConfig) -> None:
         """Refuse windows the model cannot judge: it was trained on ``clip_seconds`` clips
@@ -103,6 +105,9 @@ class Options:
         if not 0.25 <= self.hop_s <= self.window_s + 1e-9:
             raise AnalysisError(f"The hop must be 0.25 s to the window ({self.window_s:g} s), "
                                 f"not {self.hop_s:g} s: windows may overlap, never leave gaps.")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise AnalysisError(f"The confidence threshold must be 0 to 1, not "
+                                f"{self.min_confidence:g}.")
         if self.batch_size < 1:
             raise AnalysisError("The batch size must be at least 1.")
 

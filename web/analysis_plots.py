@@ -58,7 +58,7 @@ def summary_png(result: dict[str, Any]) -> bytes:
     """Seconds per label, most heard first (labels never heard are left out)."""
     summary = {k: v for k, v in (result.get("summary") or {}).items() if v > 0}
     items = sorted(summary.items(), key=lambda kv: kv[1], reverse=True)
-    fig = Figure(figsize=(6, 0.5 + 0.32 * max(1, len(items))), dpi=100)
+    fig = Figure(figsize=(6, 1.3 + 0.3 * len(items)), dpi=100)
     ax = fig.add_subplot()
     if items:
         ax.barh([k.replace("_", " ") for k, _ in items], [v for _, v in items],

@@ -368,7 +368,7 @@ def analyze_recording(stream: IO[bytes], name: str | None, params: dict[str, Any
     st = services.state()
     settings = st.settings
     predictor = serving_predictor()
-    options = services.analysis_options(predictor, params.get("window_s"), params.get("hop_s"))
+    options = services.analysis_options(predictor, params)
     info = preprocessing.probe(stream)  # the header: bad audio is refused before any job
     stream.seek(0)
     short = info.duration <= settings.analyze_sync_max_s
@@ -377,7 +377,7 @@ def analyze_recording(stream: IO[bytes], name: str | None, params: dict[str, Any
         result = analysis.analyse(stream, predictor, options, name=name).to_dict()
         result["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
         return result, 200
-    job = analysis_jobs.create(stream, name, {k: v for k, v in params.items() if v},
+    job = analysis_jobs.create(stream, name, {k: v for k, v in params.items() if v is not None},
                                settings, keep_audio=keep_audio)
     if short:  # kept for the page's player, but analysed here and now
         def work(path: Any, on_progress: Any) -> dict[str, Any]:

@@ -32,6 +32,9 @@ class AnalyzeQuery(Schema):
     hop_s = Float(validate=Range(0.25, 60), metadata={
         "description": "Step between windows in seconds (default URBANSOUND_ANALYZE_HOP_S, "
         "2); at most the window."})
+    min_confidence = Float(validate=Range(0.0, 1.0), metadata={
+        "description": "Below this mean probability a stretch is `uncertain`, not an event "
+        "(default URBANSOUND_ANALYZE_MIN_CONFIDENCE, 0.5)."})
 
 
 class FeedbackIn(Schema):

@@ -218,12 +218,14 @@ def queue_analysis(job_id: str, settings: Settings) -> None:
                                    queue=QUEUE)
 
 
-def analysis_options(predictor: Any, window_s: float | None = None,
-                     hop_s: float | None = None):
-    """The settings' analysis options with a request's window and hop, checked against the
-    served model (``AnalysisError``, a 422, when it cannot use them)."""
+def analysis_options(predictor: Any, params: dict[str, Any]):
+    """The settings' analysis options with a request's ``window_s``, ``hop_s`` and
+    ``min_confidence``, checked against the served model (``AnalysisError``, a 422, when it
+    cannot use them)."""
     from src.analysis import Options
 
-    options = Options.from_settings(window_s=window_s, hop_s=hop_s, config=predictor.config)
+    options = Options.from_settings(window_s=params.get("window_s"),
+                                    hop_s=params.get("hop_s"), config=predictor.config,
+                                    min_confidence=params.get("min_confidence"))
     options.check(predictor.config)
     return options

@@ -198,9 +198,10 @@ def analyse_upload():
         upload = request.files.get("file")
         if upload is None or not upload.filename:
             raise HTTPError(400, "Choose a recording first.", extra_data={"code": "missing_file"})
+        params = analysis_form_params()
         stream, name = api_views.read_recording(st.settings)
         try:
-            job, _ = api_views.analyze_recording(stream, name or "recording", {},
+            job, _ = api_views.analyze_recording(stream, name or "recording", params,
                                                  keep_audio=True)
         finally:
             stream.close()
@@ -209,6 +210,21 @@ def analyse_upload():
         return render_template("analyse.html", active="analyse", job=None, result=None,
                                error=message, error_code=code), _status_of(exc)
     return redirect(url_for("ui.analysis_page", job_id=job["id"]))
+
+
+def analysis_form_params() -> dict[str, float]:
+    """The form's optional window, hop and threshold (blank: the settings'); the analysis
+    judges the values (422 with the reason), the form only has to be numbers."""
+    params: dict[str, float] = {}
+    for key in ("window_s", "hop_s", "min_confidence"):
+        text = (request.form.get(key) or "").strip()
+        if text:
+            try:
+                params[key] = float(text)
+            except ValueError:
+                raise HTTPError(400, f"{key.replace('_', ' ')} must be a number, not {text!r}.",
+                                extra_data={"code": "bad_number"}) from None
+    return params
 
 
 def _analysis_job(job_id: str) -> dict[str, Any]:

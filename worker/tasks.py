@@ -86,9 +86,9 @@ def analyze(self: Task, job_id: str) -> dict[str, Any]:
 
     def work(path: Any, on_progress: Any) -> dict[str, Any]:
         predictor = served_predictor()
-        options = analysis.Options.from_settings(window_s=params.get("window_s"),
-                                                 hop_s=params.get("hop_s"),
-                                                 config=predictor.config)
+        options = analysis.Options.from_settings(
+            window_s=params.get("window_s"), hop_s=params.get("hop_s"),
+            config=predictor.config, min_confidence=params.get("min_confidence"))
         name = analysis_jobs.get(job_id, result=False).get("file")
         return analysis.analyse(path, predictor, options, on_progress,
                                 name=name).to_dict(envelope=True)

@@ -36,6 +36,9 @@ def analyze(
                                  "URBANSOUND_ANALYZE_WINDOW_S, 4)."),
     hop: float = typer.Option(None, help="Step between windows in seconds (default: "
                               "URBANSOUND_ANALYZE_HOP_S, 2)."),
+    min_confidence: float = typer.Option(
+        None, "--min-confidence", help="Below this mean probability a stretch is "
+        "'uncertain', not an event (default: URBANSOUND_ANALYZE_MIN_CONFIDENCE, 0.5)."),
     json: bool = typer.Option(False, "--json", help="One JSON object per file and line."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -46,7 +49,8 @@ def analyze(
     from . import resolve_model
 
     predictor = Predictor(resolve_model(model))
-    options = Options.from_settings(window_s=window, hop_s=hop, config=predictor.config)
+    options = Options.from_settings(window_s=window, hop_s=hop, config=predictor.config,
+                                    min_confidence=min_confidence)
     options.check(predictor.config)  # a bad --window fails once, not once per file
     failed = 0
     for f in files:

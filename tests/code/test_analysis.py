@@ -270,6 +270,11 @@ def test_cli_json_contract_and_errors(tmp_path, confident_clips, committed_model
     text = runner.invoke(app, ["analyze", "--model", str(committed_model), "--window", "2",
                                "--hop", "1", str(path)])
     assert text.exit_code == 0 and "dog_bark" in text.stdout and "summary:" in text.stdout
+    strict = runner.invoke(app, ["analyze", "--model", str(committed_model), "--json",
+                                 "--min-confidence", "1", str(path)])
+    obj = json.loads(strict.stdout)
+    assert obj["min_confidence"] == 1.0 and obj["events"] == []
+    assert obj["summary"]["uncertain"] == pytest.approx(24.0)
     bad = runner.invoke(app, ["analyze", "--model", str(committed_model), str(path),
                               str(tmp_path / "missing.wav")])
     assert bad.exit_code == 1 and "missing.wav" in bad.stderr
@@ -287,10 +292,11 @@ def test_api_analyze_short_recording_at_once(client, clip):
     sf.write(long, np.tile(y, 3), sr, format="WAV")
     for kwargs in ({"data": {"file": (io.BytesIO(long.getvalue()), "street.wav")}},
                    {"data": long.getvalue(), "content_type": "audio/wav"}):
-        response = client.post("/api/v1/analyze?hop_s=1", **kwargs)
+        response = client.post("/api/v1/analyze?hop_s=1&min_confidence=0", **kwargs)
         assert response.status_code == 200, response.get_json()
         body = response.get_json()
-        assert body.keys() >= CONTRACT and body["hop_s"] == 1.0
+        assert body.keys() >= CONTRACT and body["hop_s"] == 1.0 and body["events"]
+        assert body["summary"]["uncertain"] == 0
         assert body["duration_s"] == pytest.approx(3 * len(y) / sr, abs=0.01)
         assert all(w.keys() >= WINDOW_KEYS for w in body["windows"])
     assert body["file"] is None and response.headers["Content-Type"] == "application/json"
