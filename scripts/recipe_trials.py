@@ -32,6 +32,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "bands-noeq": ({"freq_pool": "bands", "eq_std": 0.0, "band_shift": 0}, {}),
     "noeq": ({"eq_std": 0.0, "band_shift": 0}, {}),
     "eq-strong": ({"eq_std": 0.6, "band_shift": 3}, {}),
+    "eq-max": ({"eq_std": 1.0, "band_shift": 4}, {}),
 }
 
 
@@ -95,11 +96,15 @@ def report() -> None:
     for r in rows:
         by.setdefault((r["variant"], r["protocol"]), []).append(r)
     for (name, protocol), runs in sorted(by.items()):
-        key = "accuracy" if protocol == "fold3" else "accuracy_mean"
-        accs = [r[key] for r in runs]
+        suffix = "" if protocol == "fold3" else "_mean"
+        accs = [r["accuracy" + suffix] for r in runs]
+        f1s = [r["macro_f1" + suffix] for r in runs]
         spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
+        if protocol != "fold3" and len(runs) == 1:  # one protocol run: its spread over folds
+            spread = f" ± {runs[0]['accuracy_std']:.3f} over folds"
         print(f"{name:<14} {protocol:<10} n={len(runs)} accuracy {statistics.mean(accs):.3f}"
-              f"{spread}  runs: {', '.join(f'{a:.3f}' for a in accs)}")
+              f"{spread}  macro-F1 {statistics.mean(f1s):.3f}  runs: "
+              f"{', '.join(f'{a:.3f}/{f:.3f}' for a, f in zip(accs, f1s, strict=True))}")
 
 
 def main() -> None:

@@ -101,9 +101,11 @@ def run_fold(data: Split, fold: Fold, cfg: TrainConfig, config: FeatureConfig,
     """Train the recipe on ``fold.train`` (validation held out inside it, by recording) and
     score it on ``fold.test``: one row of the per-fold table."""
     start = time.perf_counter()
-    side = data.subset(fold.train)
-    keep, hold = hold_out_validation(side.clips, 0.15, cfg.split_seed)
-    _, metrics, history = fit_and_test(side.subset(keep), side.subset(hold),
+    keep, hold = hold_out_validation([data.clips[i] for i in fold.train], 0.15, cfg.split_seed)
+    # index the full set once per side: no intermediate copy of the training side (the full
+    # data set's waveforms are 3 GB in memory, each side a copy of its share)
+    _, metrics, history = fit_and_test(data.subset(fold.train[keep]),
+                                       data.subset(fold.train[hold]),
                                        data.subset(fold.test), cfg, config, on_epoch,
                                        progress=False)
     return {"fold": fold.name, "n_train": len(keep), "n_validation": len(hold),

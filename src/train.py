@@ -6,6 +6,7 @@ which is what the Celery worker runs. Both end in the same self-describing check
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,8 +40,8 @@ class Split:
     def load(cls, clips: list[Clip], config: FeatureConfig, cache_dir: Path | None,
              progress: bool = True) -> Split:
         loaded = load_waveforms(clips, config, cache_dir, progress=progress)
-        for clip, reason in loaded.errors[:5]:
-            print(f"warning: skipped {clip.path.name}: {reason}")
+        for clip, reason in loaded.errors[:5]:  # stderr: a --json stdout stays one object
+            print(f"warning: skipped {clip.path.name}: {reason}", file=sys.stderr)
         return cls(loaded.clips, torch.from_numpy(loaded.waveforms),
                    encode_labels([c.label for c in loaded.clips]))
 
