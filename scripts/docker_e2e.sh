@@ -14,7 +14,8 @@
 #   --keep                            leave the deployment running (no teardown) to look at it
 #   --up / --down                     build and start it, ready, and leave it running (its
 #                                     settings in $STATE/current.env: benchmarks/loadtest.py
-#                                     --docker drives it from there) / tear that one down
+#                                     --docker drives it from there) / tear that one down (and
+#                                     stop dockerd if --up started it)
 #
 # What it sets up (and undoes): Debian's docker.io (+ docker-compose when `docker compose` is
 # missing) are installed if absent; dockerd is started if not running and stopped at the end
@@ -312,7 +313,7 @@ ensure_engine
 if [[ "$MODE" == down ]]; then
   [[ -f "$STATE/current.env" ]] || { echo "nothing started with --up ($STATE/current.env)"; exit 0; }
   # shellcheck disable=SC1091
-  source "$STATE/current.env"
+  source "$STATE/current.env"   # PROJECT, RUN_DIR, and STARTED_DOCKERD when --up started it
   DEPLOYED=1
   exit 0   # the teardown trap does the rest
 fi
@@ -322,8 +323,9 @@ CLIP_REL=${CLIP#"$CLIPS"/}
 build_images
 write_env
 if [[ "$MODE" == up ]]; then
-  printf 'PROJECT=%q\nRUN_DIR=%q\nURL=%q\nCOMPOSE_CMD=%q\n' "$PROJECT" "$RUN_DIR" "$URL" \
-    "${COMPOSE[*]}" > "$STATE/current.env"
+  # --down stops the dockerd that --up started (and only that one)
+  printf 'PROJECT=%q\nRUN_DIR=%q\nURL=%q\nCOMPOSE_CMD=%q\nSTARTED_DOCKERD=%q\n' "$PROJECT" \
+    "$RUN_DIR" "$URL" "${COMPOSE[*]}" "$STARTED_DOCKERD" > "$STATE/current.env"
 fi
 if [[ "$MODE" == swarm ]]; then
   # shellcheck source=scripts/docker/swarm_e2e.sh
