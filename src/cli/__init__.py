@@ -185,7 +185,11 @@ def predict(
             print_json({"file": str(f), **p.to_dict()})
         else:
             others = ", ".join(f"{t['label']} {t['probability']:.2f}" for t in p.top_k[1:])
-            typer.echo(f"{f}: {p.label} ({p.confidence:.2f}; then {others})")
+            heard = ""
+            if p.duration_s and p.analysed_s and p.duration_s > p.analysed_s + 0.05:
+                heard = (f" [first {p.analysed_s:.1f} s of {p.duration_s:.1f} s; "
+                         "`urbansound analyze` hears it all]")
+            typer.echo(f"{f}: {p.label} ({p.confidence:.2f}; then {others}){heard}")
     if failed:
         raise typer.Exit(1)
 

@@ -133,3 +133,21 @@ def test_a_closed_pipe_ends_the_command_at_once_and_quietly(model_file, us8k):
     assert proc.returncode == 141, stderr
     assert stderr == "", stderr  # no "error: [Errno 32] Broken pipe", no "Exception ignored"
     assert elapsed < 5, f"went on working {elapsed:.1f} s after the reader closed"
+
+
+def test_plain_predict_says_when_it_heard_only_the_start(model_file, us8k, tmp_path):
+    """A 12-s file is labelled from its first clip: the plain answer says so and names the
+    command that hears it all; a clip that fits says nothing of the kind."""
+    import numpy as np
+    import soundfile as sf
+
+    clip = next(iter(sorted(us8k.glob("audio/fold1/*"))))
+    y, sr = sf.read(clip)
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([y] * 3), sr)
+    proc = run("predict", "--model", str(model_file), str(long), str(clip))
+    assert proc.returncode == 0, proc.stderr
+    long_line, clip_line = proc.stdout.strip().splitlines()
+    duration = len(y) * 3 / sr
+    assert f"of {duration:.1f} s" in long_line and "urbansound analyze" in long_line
+    assert "analyze" not in clip_line
