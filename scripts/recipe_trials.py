@@ -33,6 +33,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "noeq": ({"eq_std": 0.0, "band_shift": 0}, {}),
     "eq-strong": ({"eq_std": 0.6, "band_shift": 3}, {}),
     "eq-max": ({"eq_std": 1.0, "band_shift": 4}, {}),
+    "regular": ({"dropout": 0.5, "weight_decay": 0.05, "mixup_prob": 0.8}, {}),
 }
 
 
@@ -92,10 +93,11 @@ def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
 
 def report() -> None:
     rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()]
-    by: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        by.setdefault((r["variant"], r["protocol"]), []).append(r)
-    for (name, protocol), runs in sorted(by.items()):
+    by: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:  # a seed run again (a reproduction check) counts once: the latest
+        by.setdefault((r["variant"], r["protocol"]), {})[r["seed"]] = r
+    for (name, protocol), by_seed in sorted(by.items()):
+        runs = list(by_seed.values())
         suffix = "" if protocol == "fold3" else "_mean"
         accs = [r["accuracy" + suffix] for r in runs]
         f1s = [r["macro_f1" + suffix] for r in runs]
