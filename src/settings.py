@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         return "memory://"
 
     @property
+    def max_body_mb(self) -> int:
+        """What a proxy in front must let through: the largest body any endpoint takes (the
+        app then holds each endpoint to its own limit)."""
+        return max(self.max_upload_mb, self.max_analyze_mb)
+
+    @property
     def cache_dir(self) -> Path:
         return self.state_dir / "cache"
 

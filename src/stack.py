@@ -219,7 +219,7 @@ def write_nginx_config(prefix: Path, listen: str, ports: list[int],
     values = {
         "NGINX_LISTEN": listen,
         "NGINX_UPSTREAM_SERVERS": upstream_servers(ports),
-        "NGINX_MAX_BODY_MB": str(max_body_mb or get_settings().max_upload_mb),
+        "NGINX_MAX_BODY_MB": str(max_body_mb or get_settings().max_body_mb),
         "NGINX_STATIC_ROOT": str(STATIC_DIR),
         "NGINX_ACCESS_LOG": "logs/access.log",
     }
@@ -542,7 +542,7 @@ def up(cfg: StackConfig, settings: Settings | None = None,
 
             prefix = d / "nginx"
             conf = write_nginx_config(prefix, f"127.0.0.1:{cfg.port}", ports,
-                                      settings.max_upload_mb)
+                                      settings.max_body_mb)
             nginx_test(nginx, prefix, conf)
             start("nginx", nginx_argv(nginx, prefix, conf), env, port=cfg.port,
                   stop_signal=signal.SIGQUIT)

@@ -251,7 +251,7 @@ def test_compose_nginx_renders_the_template(compose) -> None:
     assert needed <= set(env), f"nginx service lacks {needed - set(env)}"
     rendered = render_template(TEMPLATE.read_text(), env)
     assert "${NGINX" not in rendered and "server web:8000 resolve" in rendered
-    assert int(env["NGINX_MAX_BODY_MB"]) == Settings().max_upload_mb
+    assert int(env["NGINX_MAX_BODY_MB"]) == Settings().max_body_mb
     mounts = {v.split(":")[1] for v in nginx["volumes"]}
     assert "/etc/nginx/templates/default.conf.template" in mounts
     assert env["NGINX_STATIC_ROOT"] in mounts
@@ -457,7 +457,8 @@ def test_nginx_accepts_the_rendered_template(tmp_path, isolated_settings) -> Non
     conf = stack.write_nginx_config(tmp_path / "nginx", f"127.0.0.1:{free_port()}", ports)
     stack.nginx_test(nginx, tmp_path / "nginx", conf)  # raises with nginx's complaint
     site = (tmp_path / "nginx" / "urbansound.conf").read_text()
-    assert f"client_max_body_size {isolated_settings.max_upload_mb}m;" in site
+    # the largest body any endpoint takes (uploads or a recording to analyse)
+    assert f"client_max_body_size {isolated_settings.max_body_mb}m;" in site
     for p in ports:
         assert f"server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;" in site
     assert f"alias {ROOT / 'web' / 'static'}/;" in site
@@ -642,3 +643,12 @@ def test_gunicorn_error_pages_become_the_json_envelope() -> None:
     sink = Sink()
     _JsonErrorSocket(sink).sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<p>")
     assert sink.data.endswith(b"<p>")
+
+
+def test_the_proxy_lets_through_the_largest_body_any_endpoint_takes() -> None:
+    """nginx sits in front of both limits: a recording to analyse may be bigger than an
+    upload, and the proxy must not refuse what the app would take."""
+    from src.settings import Settings
+
+    assert Settings(max_upload_mb=10, max_analyze_mb=300).max_body_mb == 300
+    assert Settings(max_upload_mb=500, max_analyze_mb=300).max_body_mb == 500
