@@ -18,6 +18,7 @@ cd "$(dirname "$0")/../.."
 
 BASE="${1:?usage: wheelhouse.sh BASE_IMAGE [PYTHON]}"
 PY="${2:-.venv/bin/python}"
+[[ -x "$PY" ]] || PY=python3   # a fresh clone without scripts/setup.sh: the system Python
 STATE="${URBANSOUND_STATE_DIR:-var}"
 DEST=deploy/wheelhouse
 log() { echo "wheelhouse: $*" >&2; }
