@@ -27,17 +27,20 @@ DB_RETRY_COUNTDOWN_S = 30  # a database restart; the job is claimed (or found de
 DB_MAX_RETRIES = 10
 
 
+def _long_task(name: str) -> Any:
+    """Retrain and analysis alike: acknowledged only once finished (a worker killed mid-job
+    has its message redelivered, and the job's own record makes the rerun a no-op) and held
+    to the same time limits."""
+    return shared_task(bind=True, name=name, acks_late=True,
+                       soft_time_limit=_settings.retrain_soft_limit_s,
+                       time_limit=_settings.retrain_hard_limit_s)
+
+
 class RetrainFailed(Exception):
     """Raised after the job row says ``failed``, so Celery (and Flower) agree: FAILURE."""
 
 
-@shared_task(
-    bind=True,
-    name=RETRAIN_TASK,
-    acks_late=True,
-    soft_time_limit=_settings.retrain_soft_limit_s,
-    time_limit=_settings.retrain_hard_limit_s,
-)
+@_long_task(RETRAIN_TASK)
 def retrain(self: Task, job_id: str) -> dict[str, Any]:
     """Run retrain job ``job_id``; redeliveries of a finished or running job are no-ops."""
 
@@ -71,13 +74,7 @@ def served_predictor() -> Any:
     return _live.get()
 
 
-@shared_task(
-    bind=True,
-    name=ANALYZE_TASK,
-    acks_late=True,
-    soft_time_limit=_settings.retrain_soft_limit_s,
-    time_limit=_settings.retrain_hard_limit_s,
-)
+@_long_task(ANALYZE_TASK)
 def analyze(self: Task, job_id: str) -> dict[str, Any]:
     """Analyse the recording of analysis job ``job_id`` (a redelivery does nothing)."""
     from src import analysis, analysis_jobs
