@@ -34,6 +34,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "eq-strong": ({"eq_std": 0.6, "band_shift": 3}, {}),
     "eq-max": ({"eq_std": 1.0, "band_shift": 4}, {}),
     "regular": ({"dropout": 0.5, "weight_decay": 0.05, "mixup_prob": 0.8}, {}),
+    "pcen": ({}, {"frontend": "logmel+pcen"}),
+    "delta": ({}, {"frontend": "logmel+delta"}),
+    "pcen-delta": ({}, {"frontend": "logmel+pcen+delta"}),
+    "hop256": ({}, {"hop_length": 256}),
+    "mels128": ({}, {"n_mels": 128, "n_fft": 2048}),
 }
 
 

@@ -29,7 +29,7 @@ from .evaluation import classification_metrics
 from .preprocessing import (
     CLASSES,
     FeatureConfig,
-    LogMel,
+    FrontEnd,
     Standardise,
     augment_waveforms,
     band_statistics,
@@ -66,14 +66,15 @@ class AudioCNN(nn.Module):
         self.config = config or FeatureConfig()
         self.freq_pool = freq_pool
         n_mels = self.config.n_mels
-        self.logmel = LogMel(self.config)
+        self.frontend = FrontEnd(self.config)
+        shape = (n_mels,) if self.config.n_channels == 1 else (self.config.n_channels, n_mels)
         self.standardise = Standardise(
-            mean if mean is not None else np.zeros(n_mels, np.float32),
-            std if std is not None else np.ones(n_mels, np.float32),
+            mean if mean is not None else np.zeros(shape, np.float32),
+            std if std is not None else np.ones(shape, np.float32),
         )
         w1, w2, w3, w4 = widths
         self.body = nn.Sequential(
-            *conv_bn(1, w1), nn.MaxPool2d(2),
+            *conv_bn(self.config.n_channels, w1), nn.MaxPool2d(2),
             *conv_bn(w1, w2), nn.MaxPool2d(2),
             *conv_bn(w2, w3), *conv_bn(w3, w3), nn.MaxPool2d(2),
             *conv_bn(w3, w4), *conv_bn(w4, w4),
@@ -87,8 +88,9 @@ class AudioCNN(nn.Module):
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """Waveforms → standardised log-mel, the point where SpecAugment/mixup apply."""
-        return self.standardise(self.logmel(waveforms))
+        """Waveforms → standardised log-mel (and the front end's other channels), the point
+        where SpecAugment/mixup apply."""
+        return self.standardise(self.frontend(waveforms))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x.contiguous(memory_format=torch.channels_last))
@@ -386,7 +388,7 @@ def new_model(train_x: torch.Tensor, cfg: TrainConfig, config: FeatureConfig) ->
     """A fresh model whose standardisation statistics come from the training waveforms."""
     probe = AudioCNN(config=config)
     with torch.inference_mode():
-        logmels = torch.cat([probe.logmel(train_x[i : i + 256])
+        logmels = torch.cat([probe.frontend(train_x[i : i + 256])
                              for i in range(0, len(train_x), 256)])
     mean, std = band_statistics(logmels)
     return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std,

@@ -136,7 +136,7 @@ class Predictor:
     def logmel(self, waveform: np.ndarray) -> np.ndarray:
         """The (unstandardised) log-mel the model sees, for display."""
         x = torch.from_numpy(np.asarray(waveform, dtype=np.float32)).unsqueeze(0)
-        return self.model.logmel(x)[0, 0].numpy()
+        return self.model.frontend.logmel(x)[0, 0].numpy()
 
 
 POINTER_PROBLEMS = {

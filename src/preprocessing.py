@@ -65,6 +65,7 @@ class FeatureConfig:
     fmax: float = SAMPLE_RATE / 2
     pad_mode: str = "repeat"  # short events are tiled: padding with silence teaches "silence"
     target_dbfs: float = -20.0  # RMS level every clip is scaled to before features
+    frontend: str = "logmel"  # image channels the CNN sees: see FRONTENDS
 
     @property
     def n_samples(self) -> int:
@@ -73,6 +74,10 @@ class FeatureConfig:
     @property
     def n_frames(self) -> int:
         return self.n_samples // self.hop_length + 1
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.frontend.split("+"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,24 +293,99 @@ class LogMel(nn.Module):
                             config.fmax)
         self.register_buffer("fb", torch.from_numpy(fb), persistent=False)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def power(self, y: torch.Tensor) -> torch.Tensor:
+        """Mel power ``(batch, n_mels, frames)``, before the log."""
         spec = torch.stft(y, self.n_fft, self.hop, window=self.window, center=True,
                           pad_mode="constant", return_complex=True)
-        power = spec.real.square() + spec.imag.square()
-        mel = torch.matmul(self.fb, power)
-        return (10.0 * torch.log10(mel.clamp_min(1e-10))).unsqueeze(1)
+        return torch.matmul(self.fb, spec.real.square() + spec.imag.square())
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return to_db(self.power(y)).unsqueeze(1)
+
+
+def to_db(power: torch.Tensor) -> torch.Tensor:
+    return 10.0 * torch.log10(power.clamp_min(1e-10))
+
+
+#: The channels a front end stacks, "+"-joined; the first is always the log-mel.
+#: "pcen": per-channel energy normalisation (Wang et al. 2017) of the same mel power: gain-
+#: and stationary-background-invariant, so it shows onsets and modulation (a jackhammer's
+#: hits) that the log-mel of a loud steady hum buries. "delta": the log-mel's slope over time.
+FRONTENDS = ("logmel", "logmel+pcen", "logmel+delta", "logmel+pcen+delta")
+
+
+def pcen_smoother(s: float, frames: int) -> torch.Tensor:
+    """PCEN's first-order IIR smoother ``M[t] = (1-s) M[t-1] + s E[t]``, ``M[-1] = E[0]``, as
+    a ``(frames, frames)`` matrix to multiply by: exact, and one BLAS call instead of a Python
+    loop over frames, which keeps serving fast."""
+    t = torch.arange(frames, dtype=torch.float64)
+    lag = t.view(1, -1) - t.view(-1, 1)  # [j, t] = t - j
+    matrix = torch.where(lag >= 0, s * (1 - s) ** lag.clamp_min(0), torch.zeros(()))
+    matrix[0] += (1 - s) ** (t + 1)  # the state before the first frame: the first frame
+    return matrix.float()
+
+
+class FrontEnd(nn.Module):
+    """Waveforms → ``(batch, channels, n_mels, frames)``: the log-mel, plus the channels
+    ``config.frontend`` names. No learnt parameters: checkpoints stay plain state dicts."""
+
+    smoother: torch.Tensor
+    delta_kernel: torch.Tensor
+
+    def __init__(self, config: FeatureConfig, pcen_time_constant: float = 0.4,
+                 alpha: float = 0.98, delta: float = 2.0, r: float = 0.5):
+        super().__init__()
+        if config.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, not {config.frontend!r}")
+        self.kinds = config.frontend.split("+")
+        self.logmel = LogMel(config)
+        # librosa.pcen's defaults: time constant 0.4 s at the frame rate, alpha, delta, r
+        t_frames = pcen_time_constant * config.sample_rate / config.hop_length
+        s = (math.sqrt(1 + 4 * t_frames**2) - 1) / (2 * t_frames**2)
+        self.s = s
+        self.register_buffer("smoother", pcen_smoother(s, config.n_frames), persistent=False)
+        self.alpha, self.delta, self.r = alpha, delta, r
+        n = torch.arange(-4, 5, dtype=torch.float32)  # librosa.feature.delta's width 9
+        self.register_buffer("delta_kernel", (n / n.square().sum()).view(1, 1, -1),
+                             persistent=False)
+
+    def pcen(self, power: torch.Tensor) -> torch.Tensor:
+        frames = power.shape[-1]
+        matrix = (self.smoother if frames == self.smoother.shape[0]
+                  else pcen_smoother(self.s, frames).to(power.device))
+        smooth = power @ matrix
+        gain = power / (1e-6 + smooth).pow(self.alpha)
+        return (gain + self.delta).pow(self.r) - math.pow(self.delta, self.r)
+
+    def slope(self, db: torch.Tensor) -> torch.Tensor:
+        b, m, t = db.shape
+        x = torch.nn.functional.pad(db.reshape(b * m, 1, t), (4, 4), mode="replicate")
+        return torch.nn.functional.conv1d(x, self.delta_kernel).reshape(b, m, t)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        power = self.logmel.power(y)
+        db = to_db(power)
+        channels = [db]
+        if "pcen" in self.kinds:
+            channels.append(self.pcen(power))
+        if "delta" in self.kinds:
+            channels.append(self.slope(db))
+        return torch.stack(channels, dim=1)
 
 
 # --------------------------------------------------------------------------- normalisation
 
-def band_statistics(logmels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-mel-band mean/std over a training set ``(N, 1, mels, frames)``; saved with the model.
+def band_statistics(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per-mel-band mean/std over a training set ``(N, channels, mels, frames)``, shaped
+    ``(mels,)`` for one channel and ``(channels, mels)`` for more; saved with the model.
 
     Per band rather than global because low bands carry far more energy than high ones;
     standardising each lets the first convolutions see every band at a similar scale.
     """
-    x = logmels.transpose(0, 2).reshape(logmels.shape[2], -1).double()
-    return x.mean(1).float().numpy(), x.std(1).clamp_min(1e-3).float().numpy()
+    _, c, m, _ = images.shape
+    x = images.permute(1, 2, 0, 3).reshape(c * m, -1).double()
+    mean, std = x.mean(1).float().numpy(), x.std(1).clamp_min(1e-3).float().numpy()
+    return (mean, std) if c == 1 else (mean.reshape(c, m), std.reshape(c, m))
 
 
 class Standardise(nn.Module):
@@ -314,8 +394,9 @@ class Standardise(nn.Module):
 
     def __init__(self, mean: np.ndarray, std: np.ndarray):
         super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 1, -1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 1, -1, 1))
+        shape = (1, -1, np.shape(mean)[-1], 1)  # (mels,) or (channels, mels)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(shape))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -364,7 +445,7 @@ def spec_augment(
         pos = torch.linspace(0, math.pi, n_mels).view(1, 1, -1, 1)
         coef = torch.randn(n, 3, generator=gen) * eq_std
         curve = sum(coef[:, k].view(-1, 1, 1, 1) * torch.cos(k * pos) for k in range(3))
-        x = x + curve
+        x[:, :1] += curve  # the log-mel only: PCEN and delta channels are blind to a fixed EQ
     for i in range(n):
         shift = int(torch.randint(-max_band_shift, max_band_shift + 1, (1,), generator=gen))
         if shift:

@@ -116,3 +116,34 @@ def test_teachers_see_their_own_standardisation_and_average_probabilities():
         Teachers([other], student)
     with pytest.raises(TeacherError, match="at least one"):
         Teachers([], student)
+
+
+@pytest.mark.parametrize("frontend", ["logmel+pcen", "logmel+pcen+delta"])
+def test_multi_channel_front_end_round_trips_and_serves(frontend, tmp_path):
+    """A model whose front end stacks several channels keeps its per-channel statistics
+    through a checkpoint, and the traced serving path computes what the eager model does."""
+    from src.model import AudioCNN, TrainConfig, make_checkpoint, new_model
+
+    torch.manual_seed(0)
+    config = FeatureConfig(frontend=frontend)
+    waves = torch.randn(6, config.n_samples) * 0.1
+    model = new_model(waves, TrainConfig(), config).eval()
+    assert model.standardise.mean.shape == (1, config.n_channels, config.n_mels, 1)
+    assert not torch.equal(model.standardise.mean[0, 0], model.standardise.mean[0, 1])
+    ckpt = make_checkpoint(model, CLASSES, "fe", None, {}, {})
+    loaded = build_model(load_checkpoint(save_checkpoint(ckpt, tmp_path / "m.pt")))
+    assert loaded.config.frontend == frontend
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(waves), model(waves))
+    predictor = Predictor(ckpt)
+    eager = Predictor(ckpt, optimise=False)
+    np.testing.assert_allclose(predictor.probabilities(waves[:2].numpy()),
+                               eager.probabilities(waves[:2].numpy()), atol=1e-4)
+    assert isinstance(model, AudioCNN)
+
+
+def test_checkpoints_from_before_front_ends_load_as_log_mel(quick_model):
+    ckpt = dict(quick_model.checkpoint)
+    ckpt["feature_config"] = {k: v for k, v in ckpt["feature_config"].items() if k != "frontend"}
+    model = build_model(ckpt)
+    assert model.config.frontend == "logmel" and model.config.n_channels == 1

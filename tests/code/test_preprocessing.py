@@ -15,8 +15,10 @@ from web_helpers import audio_bytes, tone_samples
 from src.datasets import read_us8k
 from src.preprocessing import (
     CLASSES,
+    FRONTENDS,
     AudioError,
     FeatureConfig,
+    FrontEnd,
     LogMel,
     augment_waveforms,
     decode,
@@ -194,6 +196,46 @@ def test_logmel_front_end_matches_librosa(us8k):
             ref=1.0, amin=1e-10, top_db=None)
         assert ours.shape == ref.shape == (CFG.n_mels, CFG.n_frames)
         assert np.abs(ours - ref).max() < 0.01  # dB
+
+
+def test_front_end_channels_match_librosa(us8k):
+    """PCEN and delta channels are librosa's, computed from the same mel power; the first
+    channel is always the plain log-mel, so displays and older models see what they did."""
+    config = FeatureConfig(frontend="logmel+pcen+delta")
+    front = FrontEnd(config)
+    y = load_clip(sorted((us8k / "audio" / "fold1").glob("*.flac"))[0])
+    wave = torch.from_numpy(y)[None]
+    image = front(wave)[0].numpy()
+    assert image.shape == (3, config.n_mels, config.n_frames)
+    np.testing.assert_allclose(image[0], LogMel(config)(wave)[0, 0].numpy(), atol=1e-4)
+    power = front.logmel.power(wave)[0].numpy().astype(np.float64)
+    # librosa starts its smoother from 1; ours from the first frame's steady state
+    zi = power[:, :1] * (1 - front.s)
+    pcen = librosa.pcen(power, sr=config.sample_rate, hop_length=config.hop_length, gain=0.98,
+                        bias=2, power=0.5, eps=1e-6, zi=zi)
+    np.testing.assert_allclose(image[1], pcen, atol=1e-4)
+    delta = librosa.feature.delta(image[0].astype(np.float64), width=9)
+    np.testing.assert_allclose(image[2][:, 4:-4], delta[:, 4:-4], atol=1e-3)  # edges differ
+    with pytest.raises(ValueError, match="frontend must be one of"):
+        FrontEnd(FeatureConfig(frontend="mfcc"))
+
+
+@pytest.mark.parametrize("frontend", FRONTENDS)
+def test_extra_channels_barely_move_with_level(frontend):
+    """What the extra channels are for: 20 dB more level moves every log-mel value by 20 dB;
+    the delta not at all, PCEN (gain ** (1 - alpha), alpha = 0.98) by a few hundredths."""
+    config = FeatureConfig(frontend=frontend)
+    front = FrontEnd(config)
+    torch.manual_seed(0)
+    wave = torch.randn(1, config.n_samples) * torch.linspace(0.02, 0.2, config.n_samples)
+    quiet, loud = front(wave)[0], front(wave * 10)[0]
+    torch.testing.assert_close(loud[0], quiet[0] + 20.0, atol=1e-3, rtol=0)
+    for c, kind in enumerate(config.frontend.split("+")[1:], start=1):
+        moved = (loud[c] - quiet[c]).abs()
+        if kind == "delta":
+            assert float(moved.max()) < 1e-3
+        else:
+            assert float(moved.mean()) < 0.05 and float(moved.max()) < 0.15
 
 
 # ------------------------------------------------------------------ labels
