@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from src.preprocessing import CLASSES
 
@@ -31,6 +32,10 @@ def colour_index(label: str) -> int:
 
 def timeline_png(result: dict[str, Any]) -> bytes:
     """Level (dBFS) over time, events shaded in their class colour."""
+    return png(timeline_figure(result))
+
+
+def timeline_figure(result: dict[str, Any]) -> Figure:
     duration = max(float(result.get("duration_s") or 0.0), 1e-3)
     env = result.get("envelope") or {}
     levels = np.asarray(env.get("dbfs") or [], dtype=float)
@@ -45,13 +50,22 @@ def timeline_png(result: dict[str, Any]) -> bytes:
         ax.fill_between(t, floor, np.maximum(levels, floor), color=BLUE, linewidth=0)
         ax.set_ylim(floor, max(0.0, float(levels.max()) + 3))
     ax.set_xlim(0, duration)
+    ticks = [t for t in MaxNLocator(nbins=10).tick_values(0, duration) if 0 <= t <= duration]
+    ax.set_xticks(ticks)
+    # the axes reach both edges of the image: a centred label on the first or last tick would
+    # be cut in half, so those two hang inwards from their tick
+    for t, label in zip(ticks, ax.get_xticklabels(), strict=True):
+        if t <= 0.03 * duration:
+            label.set_horizontalalignment("left")
+        elif t >= 0.97 * duration:
+            label.set_horizontalalignment("right")
     ax.tick_params(axis="x", direction="in", pad=-12, labelsize=7)
     ax.tick_params(axis="y", direction="in", pad=-22, labelsize=7)
     ax.set_facecolor("#fafbfc")
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     fig.text(0.002, 0.02, "level (dBFS) over time (s); shaded: events", fontsize=7, color=GREY)
-    return png(fig)
+    return fig
 
 
 def summary_png(result: dict[str, Any]) -> bytes:

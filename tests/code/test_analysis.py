@@ -474,3 +474,22 @@ def test_analysis_jobs_fail_clearly_and_stay_failed(isolated_settings, monkeypat
         analysis_jobs.get(job["id"], settings)
     with pytest.raises(analysis_jobs.AnalysisJobNotFound):
         analysis_jobs.job_dir("../../etc", settings)
+
+
+@pytest.mark.parametrize("duration", [3.7, 12.0, 160.0, 600.0])
+def test_timeline_tick_labels_stay_inside_the_image(duration):
+    """The timeline's axes span the whole image width (the event strip lines up with it), so
+    the labels of the first and last ticks used to be cut in half at the edges."""
+    from web.analysis_plots import timeline_figure, timeline_png
+
+    result = {"duration_s": duration, "envelope": {"dbfs": [-30.0] * 50, "step_s": duration / 50},
+              "events": [{"label": "siren", "start_s": 0.0, "end_s": duration / 2}]}
+    fig = timeline_figure(result)
+    fig.canvas.draw()
+    width = fig.bbox.width
+    labels = [t for t in fig.axes[0].get_xticklabels() if t.get_text() and t.get_visible()]
+    assert len(labels) >= 3
+    for label in labels:
+        box = label.get_window_extent()
+        assert box.x0 >= -0.5 and box.x1 <= width + 0.5, (label.get_text(), box, width)
+    assert timeline_png(result).startswith(b"\x89PNG")
