@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "delta": ({}, {"frontend": "logmel+delta"}),
     "pcen-delta": ({}, {"frontend": "logmel+pcen+delta"}),
     "hop256": ({}, {"hop_length": 256}),
+    "envelope": ({"envelope": True}, {}),
+    "pcen-envelope": ({"envelope": True}, {"frontend": "logmel+pcen"}),
     "mels128": ({}, {"n_mels": 128, "n_fft": 2048}),
 }
 

@@ -43,6 +43,7 @@ CHECKPOINT_FORMAT = "urbansound-ckpt/1"
 #: spectrum energy sits — what separates air conditioners, idling engines and jackhammers,
 #: whose textures are alike and whose spectral envelopes are not.
 FREQ_POOLS = ("mean", "bands")
+ENVELOPE_DIM = 64
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -58,7 +59,7 @@ class AudioCNN(nn.Module):
         self, n_classes: int = len(CLASSES), widths: tuple[int, ...] = (16, 32, 64, 128),
         dropout: float = 0.3, config: FeatureConfig | None = None,
         mean: np.ndarray | None = None, std: np.ndarray | None = None,
-        freq_pool: str = "mean",
+        freq_pool: str = "mean", envelope: bool = False,
     ):
         super().__init__()
         if freq_pool not in FREQ_POOLS:
@@ -81,7 +82,12 @@ class AudioCNN(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         bands = n_mels // 8 if freq_pool == "bands" else 1  # three 2x2 max-pools
-        self.head = nn.Linear(2 * w4 * bands, n_classes)
+        # The clip's spectral envelope (each band's mean and spread over time), summarised
+        # beside the conv features: simple statistics that tell some recordings of the
+        # stationary-noise classes apart where the texture the convolutions learn does not.
+        self.envelope = (nn.Sequential(nn.Linear(2 * n_mels, ENVELOPE_DIM), nn.ReLU())
+                         if envelope else None)
+        self.head = nn.Linear(2 * w4 * bands + (ENVELOPE_DIM if envelope else 0), n_classes)
         # channels-last lets oneDNN pick its fast conv/pool kernels: ~3x faster training and
         # ~25% faster inference on CPU than the default NCHW layout.
         # torch's stubs omit Module.to's memory_format keyword (documented, and it works)
@@ -98,6 +104,9 @@ class AudioCNN(nn.Module):
             h = h.mean(dim=2)  # pool frequency: the convolutions already aligned the bands
         # sustained + transient evidence over time; with "bands", per frequency band
         h = torch.cat([h.mean(dim=-1), h.amax(dim=-1)], dim=1).flatten(1)
+        if self.envelope is not None:
+            logmel = x[:, 0]  # (batch, mels, frames), standardised
+            h = torch.cat([h, self.envelope(torch.cat([logmel.mean(-1), logmel.std(-1)], 1))], 1)
         return self.head(self.dropout(h))
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
@@ -111,6 +120,7 @@ def build_model(ckpt: dict) -> AudioCNN:
         n_classes=len(ckpt["classes"]), widths=tuple(ckpt["arch"]["widths"]),
         dropout=ckpt["arch"]["dropout"], config=FeatureConfig.from_dict(ckpt["feature_config"]),
         freq_pool=ckpt["arch"].get("freq_pool", "mean"),  # older checkpoints: the mean head
+        envelope=ckpt["arch"].get("envelope", False),
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -133,6 +143,7 @@ def make_checkpoint(
             "widths": list(widths or _widths(model)),
             "dropout": float(dropout if dropout is not None else model.dropout.p),
             "freq_pool": model.freq_pool,
+            "envelope": model.envelope is not None,
         },
         "norm_mean": model.standardise.mean.flatten().tolist(),
         "norm_std": model.standardise.std.flatten().tolist(),
@@ -197,6 +208,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     class_weighting: bool = True
     freq_pool: str = "mean"  # see FREQ_POOLS
+    envelope: bool = False  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
     extra: dict = field(default_factory=dict)
@@ -392,4 +404,4 @@ def new_model(train_x: torch.Tensor, cfg: TrainConfig, config: FeatureConfig) ->
                              for i in range(0, len(train_x), 256)])
     mean, std = band_statistics(logmels)
     return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std,
-                    freq_pool=cfg.freq_pool)
+                    freq_pool=cfg.freq_pool, envelope=cfg.envelope)

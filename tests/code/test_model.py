@@ -118,21 +118,25 @@ def test_teachers_see_their_own_standardisation_and_average_probabilities():
         Teachers([], student)
 
 
-@pytest.mark.parametrize("frontend", ["logmel+pcen", "logmel+pcen+delta"])
-def test_multi_channel_front_end_round_trips_and_serves(frontend, tmp_path):
+@pytest.mark.parametrize(("frontend", "envelope"),
+                         [("logmel+pcen", False), ("logmel+pcen+delta", False),
+                          ("logmel+pcen", True)])
+def test_multi_channel_front_end_round_trips_and_serves(frontend, envelope, tmp_path):
     """A model whose front end stacks several channels keeps its per-channel statistics
-    through a checkpoint, and the traced serving path computes what the eager model does."""
+    through a checkpoint (as does its envelope branch), and the traced serving path computes
+    what the eager model does."""
     from src.model import AudioCNN, TrainConfig, make_checkpoint, new_model
 
     torch.manual_seed(0)
     config = FeatureConfig(frontend=frontend)
     waves = torch.randn(6, config.n_samples) * 0.1
-    model = new_model(waves, TrainConfig(), config).eval()
+    model = new_model(waves, TrainConfig(envelope=envelope), config).eval()
+    assert (model.envelope is not None) == envelope
     assert model.standardise.mean.shape == (1, config.n_channels, config.n_mels, 1)
     assert not torch.equal(model.standardise.mean[0, 0], model.standardise.mean[0, 1])
     ckpt = make_checkpoint(model, CLASSES, "fe", None, {}, {})
     loaded = build_model(load_checkpoint(save_checkpoint(ckpt, tmp_path / "m.pt")))
-    assert loaded.config.frontend == frontend
+    assert loaded.config.frontend == frontend and (loaded.envelope is not None) == envelope
     with torch.inference_mode():
         torch.testing.assert_close(loaded(waves), model(waves))
     predictor = Predictor(ckpt)
