@@ -65,17 +65,21 @@ def log_epoch(r: dict[str, Any]) -> None:
           f" ({r['seconds']:.0f} s)", flush=True)
 
 
-def run_fold3(name: str, seed: int, epochs: int, cache: Path) -> None:
-    from src.model import save_checkpoint
+def run_fold3(name: str, seed: int, epochs: int, cache: Path,
+              teachers: list[Path] | None = None) -> None:
+    from src.model import load_checkpoint, save_checkpoint
     from src.train import train
 
     cfg, config = configs(name, seed, epochs)
     start = time.time()
-    result = train(US8K, {3}, cfg, config, cache_dir=cache, version=f"{name}-s{seed}",
-                   progress=False, on_epoch=log_epoch)
-    save_checkpoint(result.checkpoint, OUT / f"{name}-s{seed}.pt")
+    label = f"{name}-student" if teachers else name  # a student is its own row in the table
+    result = train(US8K, {3}, cfg, config, cache_dir=cache, version=f"{label}-s{seed}",
+                   progress=False, on_epoch=log_epoch,
+                   teachers=[load_checkpoint(t) for t in teachers or []] or None)
+    save_checkpoint(result.checkpoint, OUT / f"{label}-s{seed}.pt")
     m, h = result.test_metrics, result.history
-    record({"variant": name, "seed": seed, "protocol": "fold3", "epochs_run": len(h),
+    record({"variant": label, "seed": seed, "protocol": "fold3", "epochs_run": len(h),
+            "teachers": [t.stem for t in teachers or []],
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "best_val_f1": max(r["val_f1"] or 0 for r in h),
             "per_class_f1": {c: round(s["f1"], 3) for c, s in m["per_class"].items()},
@@ -124,6 +128,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--cache", type=Path, default=ROOT / "var" / "cache")
+    parser.add_argument("--teachers", type=Path, nargs="+", default=None,
+                        help="fold3 only: distil these checkpoints' ensemble (a student run)")
     parser.add_argument("--report", action="store_true", help="print the recorded table")
     args = parser.parse_args()
     if args.report or not args.variant:
@@ -131,7 +137,7 @@ def main() -> None:
         return
     for seed in args.seeds:
         if args.protocol == "fold3":
-            run_fold3(args.variant, seed, args.epochs, args.cache)
+            run_fold3(args.variant, seed, args.epochs, args.cache, args.teachers)
         else:
             run_grouped(args.variant, seed, args.epochs, args.k, args.cache)
 
