@@ -11,6 +11,13 @@ from typing import Any
 import numpy as np
 
 POOLING = {"bands": "; a head that keeps each frequency band instead of averaging them"}
+ENVELOPE = "; the head also sees each band's mean and spread over time"
+FRONT_ENDS = {
+    "logmel": "log-mel spectrograms",
+    "logmel+pcen": "log-mel and PCEN (per-channel energy normalised) spectrograms",
+    "logmel+delta": "log-mel spectrograms and their deltas",
+    "logmel+pcen+delta": "log-mel, PCEN and delta spectrograms",
+}
 
 
 def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, int, float]]:
@@ -92,9 +99,11 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         f"# Model card — `{ckpt['version']}`",
         "",
         f"{arch['name']} ({n_params:,} parameters; conv widths {arch['widths']}, dropout "
-        f"{arch['dropout']}{POOLING.get(arch.get('freq_pool', 'mean'), '')}) classifying"
-        f" 4-second clips into the ten UrbanSound8K classes from "
-        f"{cfg['n_mels']}-band log-mel spectrograms ({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "
+        f"{arch['dropout']}{POOLING.get(arch.get('freq_pool', 'mean'), '')}"
+        f"{ENVELOPE if arch.get('envelope') else ''})"
+        f" classifying 4-second clips into the ten UrbanSound8K classes from "
+        f"{cfg['n_mels']}-band {FRONT_ENDS.get(cfg.get('frontend', 'logmel'), 'log-mel')} "
+        f"({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "
         f"hop {cfg['hop_length']}). Created {ckpt['created_at']}; parent: "
         f"{ckpt.get('parent') or 'none (trained from scratch)'}.",
         "",

@@ -32,3 +32,17 @@ def test_card_names_teachers_and_the_largest_confusions(quick_model):
     cm = ckpt["metrics"]["confusion_matrix"]
     assert n == max(cm[i][j] for i in range(10) for j in range(10) if i != j)
     assert f"{true} → {predicted} ({n}," in card and "urbansound train ..." in card
+
+
+def test_card_says_which_front_end_and_head_the_model_has(quick_model):
+    ckpt = copy.deepcopy(quick_model.checkpoint)
+    ckpt["feature_config"]["frontend"] = "logmel"
+    ckpt["arch"]["envelope"] = False
+    plain = render(ckpt)
+    assert "64-band log-mel spectrograms" in plain and "PCEN" not in plain
+    assert "mean and spread" not in plain
+    ckpt["feature_config"]["frontend"] = "logmel+pcen"
+    ckpt["arch"]["envelope"] = True
+    card = render(ckpt)
+    assert "log-mel and PCEN (per-channel energy normalised) spectrograms" in card
+    assert "the head also sees each band's mean and spread over time" in card
