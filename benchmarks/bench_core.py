@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_core.py [--us8k ../shared/us8k] [--model models/...]
 
-1. feature extraction (decode + resample + log-mel), clips/s, all cores, no cache;
+1. feature extraction (decode + resample + the model's front end), clips/s, all cores, no cache;
 2. one training epoch over the fold 1, 2, 4-9 clips, seconds (waveforms cached);
 3. single-clip predict latency from bytes to label, one thread, median and p95, on the
    original-bytes clips (24-96 kHz WAV, so resampling is included);
@@ -43,14 +43,14 @@ def percentile(values: list[float], q: float) -> float:
 def bench_features(us8k: Path, n: int) -> float:
     from src.datasets import read_us8k
     from src.features import load_waveforms
-    from src.preprocessing import FeatureConfig, LogMel
+    from src.preprocessing import FeatureConfig, FrontEnd
 
     clips = read_us8k(us8k, {1})[:n]
     config = FeatureConfig()
     torch.set_num_threads(2)
     start = time.perf_counter()
     loaded = load_waveforms(clips, config, cache_dir=None, workers=2, progress=False)
-    front = LogMel(config)
+    front = FrontEnd(config)
     with torch.inference_mode():
         for i in range(0, len(loaded.waveforms), 64):
             front(torch.from_numpy(loaded.waveforms[i : i + 64]))

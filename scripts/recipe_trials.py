@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 US8K = ROOT.parent / "shared" / "us8k"
 OUT = ROOT / "var" / "trials"
 
-#: name -> (TrainConfig changes, FeatureConfig changes). "base" is the recipe of the served
-#: model's teachers; each other variant names what it changes.
+#: name -> (TrainConfig changes, FeatureConfig changes) from ``BASE``, the log-mel recipe that
+#: served until PCEN won (its teachers: models/20261126T*); each variant names what it changes.
+#: "pcen-envelope" is today's default recipe.
+BASE: tuple[dict[str, Any], dict[str, Any]] = ({"envelope": False}, {"frontend": "logmel"})
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "base": ({}, {}),
     "bands": ({"freq_pool": "bands"}, {}),
@@ -48,7 +50,8 @@ def configs(name: str, seed: int, epochs: int):
     from src.model import TrainConfig
     from src.preprocessing import FeatureConfig
 
-    train_changes, feature_changes = VARIANTS[name]
+    train_changes = {**BASE[0], **VARIANTS[name][0]}
+    feature_changes = {**BASE[1], **VARIANTS[name][1]}
     cfg = TrainConfig(epochs=epochs, patience=12, seed=seed, **train_changes)
     return cfg, replace(FeatureConfig(), **feature_changes)
 
@@ -95,6 +98,8 @@ def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
                          cache_dir=cache, seed=0, on_fold=lambda r: print(
                              f"{r['fold']}: accuracy {r['accuracy']:.3f} macro-F1 "
                              f"{r['macro_f1']:.3f} ({r['seconds']:.0f} s)", flush=True))
+    # the whole summary, as the model card's validation section reads it
+    (OUT / f"{name}-grouped{k}-s{seed}.json").write_text(json.dumps(summary, indent=1) + "\n")
     record({"variant": name, "seed": seed, "protocol": f"grouped-{k}", "epochs": epochs,
             **{key: summary[key] for key in ("accuracy_mean", "accuracy_std", "macro_f1_mean",
                                              "macro_f1_std")},

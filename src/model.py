@@ -208,7 +208,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     class_weighting: bool = True
     freq_pool: str = "mean"  # see FREQ_POOLS
-    envelope: bool = False  # see AudioCNN: the head also sees the band envelope
+    envelope: bool = True  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
     extra: dict = field(default_factory=dict)

@@ -121,7 +121,7 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
            f"{data.get('new_clips', {}).get('n', '?')} further clips merged with its training "
            "data (the retraining path)."] if data.get("fine_tuned_from") else []),
         *([f"- Distilled from the ensemble of {len(data['teachers'])} models trained on the "
-           f"same split, each with its own seed ({', '.join(f'`{t}`' for t in data['teachers'])}): "
+           f"same split ({', '.join(f'`{t}`' for t in data['teachers'])}): "
            f"{_distillation(data)}."] if data.get("teachers") else []),
         "",
         "## Metrics on the test fold(s)",

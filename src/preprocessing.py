@@ -65,7 +65,8 @@ class FeatureConfig:
     fmax: float = SAMPLE_RATE / 2
     pad_mode: str = "repeat"  # short events are tiled: padding with silence teaches "silence"
     target_dbfs: float = -20.0  # RMS level every clip is scaled to before features
-    frontend: str = "logmel"  # image channels the CNN sees: see FRONTENDS
+    # image channels the CNN sees (see FRONTENDS); checkpoints without the key are "logmel"
+    frontend: str = "logmel+pcen"
 
     @property
     def n_samples(self) -> int:
@@ -85,6 +86,7 @@ class FeatureConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FeatureConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("frontend", "logmel")  # what every checkpoint before the key had
         return cls(**known)
 
 
@@ -351,8 +353,13 @@ class FrontEnd(nn.Module):
 
     def pcen(self, power: torch.Tensor) -> torch.Tensor:
         frames = power.shape[-1]
-        matrix = (self.smoother if frames == self.smoother.shape[0]
-                  else pcen_smoother(self.s, frames).to(power.device))
+        # causal: the matrix for fewer frames is the top-left corner of this one. Serving
+        # traces fixed-length clips, so the tracer never meets the (Python) length test.
+        tracing = torch.jit.is_tracing()  # type: ignore[no-untyped-call]  # untyped in torch
+        if not tracing and frames > self.smoother.shape[0]:
+            matrix = pcen_smoother(self.s, frames).to(power.device)
+        else:
+            matrix = self.smoother[:frames, :frames]
         smooth = power @ matrix
         gain = power / (1e-6 + smooth).pow(self.alpha)
         return (gain + self.delta).pow(self.r) - math.pow(self.delta, self.r)

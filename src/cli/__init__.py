@@ -52,21 +52,33 @@ def train(
                                       "checkpoints (files or registered versions; repeat)."),
     distill_weight: float = typer.Option(0.7, min=0.0, max=1.0,
                                          help="With --teacher: weight of the soft targets."),
+    frontend: str = typer.Option(None, help="Image channels: logmel, logmel+pcen, "
+                                 "logmel+delta or logmel+pcen+delta (default: logmel+pcen)."),
+    envelope: bool = typer.Option(None, "--envelope/--no-envelope",
+                                  help="The head also sees each band's mean and spread "
+                                  "(default: on)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model from scratch, evaluate it on the held-out test clips and register it."""
     from .. import registry
     from ..model import TrainConfig, load_checkpoint, save_checkpoint
+    from ..preprocessing import FRONTENDS, FeatureConfig
     from ..train import train as run_training
 
     settings = get_settings()
     data = data or ensure_default_data()
     version = registry.new_version_name()
+    if frontend is not None and frontend not in FRONTENDS:
+        raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
                       distill_weight=distill_weight)
+    if envelope is not None:  # unset: the recipe's default, kept in one place (TrainConfig)
+        cfg.envelope = envelope
+    config = FeatureConfig(frontend=frontend) if frontend else FeatureConfig()
     teachers = [load_checkpoint(resolve_model(t)) for t in teacher or []]
-    result = run_training(data, set(test_fold or []) or None, cfg, cache_dir=settings.cache_dir,
-                          version=version, progress=not quiet, teachers=teachers)
+    result = run_training(data, set(test_fold or []) or None, cfg, config,
+                          cache_dir=settings.cache_dir, version=version, progress=not quiet,
+                          teachers=teachers)
     m = result.test_metrics
     typer.echo(f"test ({m['split']}): accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
                f"  loss {m['loss']:.3f}  n={m['n']}")
