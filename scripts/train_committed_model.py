@@ -120,6 +120,7 @@ def main() -> None:
         register_name(s, renamed)
     plain = [load_checkpoint(p) for p in args.plain]
     served = max(students + plain, key=best_val_f1)
+    candidates = len(students)
     students += [load_checkpoint(p) for p in args.spread]
     for s in students:
         register_name(s, renamed)
@@ -130,7 +131,7 @@ def main() -> None:
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
-    write_card(served, students, plain, validation, args.models)
+    write_card(served, students, candidates, plain, validation, args.models)
     for run in teachers + students + plain:
         m = run["metrics"]
         print(f"{run['version']} (seed {seed_of(run)}, {len(run['data']['teachers'])} teachers): "
@@ -139,7 +140,7 @@ def main() -> None:
     print(f"serving {served['version']}; card: {args.models / 'MODEL_CARD.md'}")
 
 
-def write_card(served: dict[str, Any], students: list[dict[str, Any]],
+def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
                models: Path) -> None:
     def row(r: dict[str, Any]) -> dict[str, Any]:
@@ -147,9 +148,11 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]],
                 "accuracy": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"]}
 
     notes = [f"Served: the best validation macro-F1 (inside the training folds) of "
-             f"{len(students)} students and {len(plain)} runs without teachers, chosen before "
-             "looking at the test fold. With 387 test clips from few recordings, one clip is "
-             "0.26 points."]
+             f"{candidates} students and {len(plain)} runs without teachers, chosen before "
+             "looking at the test fold"
+             + (f"; {len(students) - candidates} more student(s) ran afterwards only to "
+                "measure the spread" if len(students) > candidates else "")
+             + ". With 387 test clips from few recordings, one clip is 0.26 points."]
     if validation:
         notes.append(f"On the same validation protocol (same folds, 20 epochs), the log-mel "
                      f"recipe served before scored {PREVIOUS_GROUPED}.")
