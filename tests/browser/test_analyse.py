@@ -68,7 +68,7 @@ def test_analyse_a_recording_and_play_an_event(system, browser, screenshot, tmp_
 def test_predict_links_a_long_file_to_the_analysis(system, browser, tmp_path):
     y, _ = most_confident_clip(system)
     buf = io.BytesIO()
-    sf.write(buf, np.tile(y, 4)[: 10 * 22050], 22050, format="WAV")
+    sf.write(buf, np.resize(y, 10 * 22050), 22050, format="WAV")  # repeated to 10 s, however short
     recording = tmp_path / "ten-seconds.wav"
     recording.write_bytes(buf.getvalue())
     browser.get(system.url + "/")

@@ -146,8 +146,14 @@ def test_multi_channel_front_end_round_trips_and_serves(frontend, envelope, tmp_
     assert isinstance(model, AudioCNN)
 
 
-def test_checkpoints_from_before_front_ends_load_as_log_mel(quick_model):
-    ckpt = dict(quick_model.checkpoint)
-    ckpt["feature_config"] = {k: v for k, v in ckpt["feature_config"].items() if k != "frontend"}
+def test_checkpoints_from_before_front_ends_load_as_log_mel(committed_model):
+    """The log-mel models published before the front end had a name (their feature config
+    has no ``frontend`` key) still load, as one-channel log-mel models, and classify."""
+    old = committed_model.parent / "20261126T190849Z-3fe485.pt"
+    ckpt = load_checkpoint(old)
+    assert "frontend" not in ckpt["feature_config"]
     model = build_model(ckpt)
     assert model.config.frontend == "logmel" and model.config.n_channels == 1
+    assert model.envelope is None
+    with torch.inference_mode():
+        assert model(torch.randn(2, model.config.n_samples) * 0.1).shape == (2, len(CLASSES))

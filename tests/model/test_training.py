@@ -75,7 +75,7 @@ def test_distilled_student_follows_its_teachers_not_the_labels(quick_model, synt
 def test_band_head_round_trips_and_older_checkpoints_load_with_the_mean_head(quick_model):
     """The head is part of the checkpoint's ``arch``; one written before it existed (no
     ``freq_pool``) must still load, as the mean head it was trained with."""
-    from src.model import AudioCNN, build_model, make_checkpoint
+    from src.model import ENVELOPE_DIM, AudioCNN, build_model, make_checkpoint
     from src.preprocessing import CLASSES
 
     x = torch.randn(2, FeatureConfig().n_samples)
@@ -88,4 +88,6 @@ def test_band_head_round_trips_and_older_checkpoints_load_with_the_mean_head(qui
                                              quick_model.checkpoint["arch"].items()
                                              if k != "freq_pool"})
     model = build_model(old)
-    assert model.freq_pool == "mean" and model.head.in_features == 2 * old["arch"]["widths"][-1]
+    envelope = ENVELOPE_DIM if old["arch"].get("envelope") else 0  # the optional branch
+    assert model.freq_pool == "mean"
+    assert model.head.in_features == 2 * old["arch"]["widths"][-1] + envelope
