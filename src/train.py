@@ -181,8 +181,9 @@ def retrain(
                       # EMA would stay at the base weights
                       ema_decay=ema_decay if ema_decay is not None else 1 - 1 / steps_per_epoch,
                       widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
-                      freq_pool=base["arch"].get("freq_pool", "mean"),
-                      envelope=base["arch"].get("envelope", False), batch_size=batch_size)
+                      # the head as build_model read it (older checkpoints: its defaults)
+                      freq_pool=model.freq_pool, envelope=model.envelope is not None,
+                      batch_size=batch_size)
     teacher = (Teachers([build_model(base)], model, cfg.distill_temperature)
                if learn_without_forgetting else None)
     history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
