@@ -116,8 +116,6 @@ def main() -> None:
         publish(t, args.models)  # the students' record of their teachers resolves
     students = ([load_checkpoint(p) for p in args.students] if args.students
                 else [fit(args, {"seed": s}, teachers) for s in STUDENT_SEEDS])
-    for s in students:
-        register_name(s, renamed)
     plain = [load_checkpoint(p) for p in args.plain]
     served = max(students + plain, key=best_val_f1)
     candidates = len(students)
