@@ -5,7 +5,8 @@
 1. feature extraction (decode + resample + the model's front end), clips/s, all cores, no cache;
 2. one training epoch over the fold 1, 2, 4-9 clips, seconds (waveforms cached);
 3. single-clip predict latency from bytes to label, one thread, median and p95, on the
-   original-bytes clips (24-96 kHz WAV, so resampling is included);
+   original-bytes clips (24-96 kHz WAV, so resampling is included), as served (``auto``
+   precision: the conv body in bfloat16 where the CPU has native kernels) and in float32;
 4. the naive stack on the same clips in the same run — librosa.load + melspectrogram + the
    reference CNN — and the speed-up ratio.
 """
@@ -75,11 +76,12 @@ def bench_epoch(us8k: Path, cache: Path) -> tuple[float, int]:
     return time.perf_counter() - start, len(clips)
 
 
-def bench_predict(files: list[Path], model_path: Path, repeats: int) -> list[float]:
+def bench_predict(files: list[Path], model_path: Path, repeats: int,
+                  precision: str = "auto") -> tuple[list[float], str]:
     from src.prediction import Predictor
 
     torch.set_num_threads(1)
-    predictor = Predictor(model_path)
+    predictor = Predictor(model_path, precision=precision)
     blobs = [f.read_bytes() for f in files]
     for b in blobs:
         predictor.predict(b)  # warm-up: one pass (TorchScript profiling runs, soxr plans)
@@ -89,7 +91,7 @@ def bench_predict(files: list[Path], model_path: Path, repeats: int) -> list[flo
             t = time.perf_counter()
             predictor.predict(b)
             times.append((time.perf_counter() - t) * 1000)
-    return times
+    return times, predictor.precision
 
 
 def bench_naive(files: list[Path], repeats: int) -> list[float]:
@@ -138,11 +140,14 @@ def main() -> None:
           f"(decode + resample + log-mel, 2 processes, {args.feature_clips} fold-1 clips)")
     seconds, n = bench_epoch(args.us8k, args.cache)
     print(f"training epoch: {seconds:.1f} s over {n} clips (folds 1, 2, 4-9; waveforms cached)")
-    ours = bench_predict(files, model_path, args.repeats)
+    ours, precision = bench_predict(files, model_path, args.repeats)  # as served: "auto"
+    fp32, _ = bench_predict(files, model_path, args.repeats, "float32")
     naive = bench_naive(files, args.repeats)
     print(f"predict, bytes -> label, 1 thread, {len(files)} original clips x {args.repeats}:")
     print(f"  urbansound  p50 {statistics.median(ours):6.2f} ms   "
-          f"p95 {percentile(ours, 95):6.2f} ms")
+          f"p95 {percentile(ours, 95):6.2f} ms   (as served: conv body in {precision})")
+    print(f"  float32     p50 {statistics.median(fp32):6.2f} ms   "
+          f"p95 {percentile(fp32, 95):6.2f} ms   (URBANSOUND_INFERENCE_PRECISION=float32)")
     print(f"  naive stack p50 {statistics.median(naive):6.2f} ms   p95 {percentile(naive, 95):6.2f}"
           " ms   (librosa.load + melspectrogram + reference CNN)")
     print(f"  speed-up (p50 ratio): {statistics.median(naive) / statistics.median(ours):.2f}x")

@@ -99,7 +99,11 @@ class AudioCNN(nn.Module):
         return self.standardise(self.frontend(waveforms))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(x.contiguous(memory_format=torch.channels_last))
+        return self.decide(self.body(x.contiguous(memory_format=torch.channels_last)), x)
+
+    def decide(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The conv body's output ``h`` (and the features ``x`` it came from) → logits: the
+        part after the convolutions, apart so serving can run the body at another precision."""
         if self.freq_pool == "mean":
             h = h.mean(dim=2)  # pool frequency: the convolutions already aligned the bands
         # sustained + transient evidence over time; with "bands", per frequency band

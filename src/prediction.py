@@ -10,6 +10,7 @@ one complete model and names which one. A pointer it cannot trust changes nothin
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -23,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import one_line
-from .model import build_model, load_checkpoint
+from .model import AudioCNN, build_model, load_checkpoint
 from .preprocessing import AudioSource, load_clip, probe
 
 if TYPE_CHECKING:
@@ -49,10 +51,51 @@ class Prediction:
         return asdict(self)
 
 
+#: ``auto``: bfloat16 convolutions where the CPU computes them natively, else float32
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def serving_precision(requested: str = "auto") -> str:
+    """``float32`` or ``bfloat16``: what ``requested`` means on this CPU. bfloat16 is chosen
+    only where oneDNN has native kernels (AVX512-BF16 or AMX); emulated, it is slower than
+    float32, so ``auto`` never picks it there."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    return "bfloat16" if native_bfloat16() else "float32"
+
+
+def native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (torch's own test)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+class ReducedPrecision(nn.Module):
+    """The model with its conv body in bfloat16 and everything else in float32.
+
+    The body is ~85% of the forward pass and 2.7x faster in bfloat16 on a CPU with native
+    kernels; the front end (FFT, log, PCEN) and the head stay in float32, where rounding
+    would move the features themselves. On fold 3, 385 of 387 answers are the same as float32.
+    """
+
+    def __init__(self, model: AudioCNN, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model
+        self.body = copy.deepcopy(model.body).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        x = self.model.features(waveforms)
+        h = self.body(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        return self.model.decide(h.float(), x)
+
+
 class Predictor:
     """One loaded model version, traced and frozen for fast single-clip CPU inference."""
 
-    def __init__(self, checkpoint: dict | str | Path, optimise: bool = True):
+    def __init__(self, checkpoint: dict | str | Path, optimise: bool = True,
+                 precision: str = "auto"):
         self.checkpoint_path = None if isinstance(checkpoint, dict) else Path(checkpoint)
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         self.version: str = ckpt["version"]
@@ -60,18 +103,22 @@ class Predictor:
         self.metrics: dict = ckpt.get("metrics", {})
         self.model = build_model(ckpt)
         self.config = self.model.config
+        #: what the conv body runs in (``float32`` without ``optimise``: the model as trained)
+        self.precision = serving_precision(precision) if optimise else "float32"
         self._forward = self._optimised() if optimise else self.model
 
-    def _optimised(self):
+    def _optimised(self) -> nn.Module:
         """TorchScript trace + freeze + optimize_for_inference folds batch norm into the
         convolutions and drops Python overhead: ~30% off single-clip latency on CPU."""
         example = torch.zeros(1, self.config.n_samples)
+        net = ReducedPrecision(self.model) if self.precision == "bfloat16" else self.model
         try:
             with torch.inference_mode():
-                traced = torch.jit.trace(self.model, example)
+                traced = torch.jit.trace(net, example)
                 return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         except Exception as exc:
             log.warning("TorchScript optimisation failed (%s); serving the eager model", exc)
+            self.precision = "float32"
             return self.model
 
     @torch.inference_mode()
@@ -189,13 +236,14 @@ class LivePredictor:
     why, until the pointer or the file is fixed (both are watched)."""
 
     def __init__(self, models_dir: Path, poll_s: float = 0.5, optimise: bool = True,
-                 watch: bool = False):
+                 watch: bool = False, precision: str = "auto"):
         from . import registry
 
         self._registry = registry
         self.models_dir = Path(models_dir)
         self.poll_s = poll_s
         self.optimise = optimise
+        self.precision = precision
         self._lock = threading.Lock()
         self._loading = False
         self._checked = 0.0
@@ -205,7 +253,7 @@ class LivePredictor:
         if predictor is None:  # the registry's fallback: the last activated file still intact
             _version, path = registry.fallback(
                 self.models_dir, error or check.message, exclude=check.version if error else None)
-            predictor = Predictor(path, optimise)
+            predictor = Predictor(path, optimise, precision)
         self.current: Predictor = predictor
         self.loaded_at = time.time()
         self.pointer = self._judge(check, error)
@@ -254,7 +302,7 @@ class LivePredictor:
         assert check.path is not None and check.sha256 is not None  # a verified pointer
         try:
             ckpt = load_verified(check.path, check.sha256)
-            predictor = Predictor(ckpt, self.optimise)
+            predictor = Predictor(ckpt, self.optimise, self.precision)
         except Exception as exc:
             return None, f"{check.version} did not load ({one_line(exc)[:300]})"
         if predictor.version != check.version:

@@ -755,6 +755,7 @@ def served_model_info() -> dict[str, Any]:
     m = predictor.metrics or {}
     return {
         "version": predictor.version,
+        "inference_precision": predictor.precision,  # what its conv body runs in here
         "metrics": {k: m.get(k) for k in ("accuracy", "macro_f1", "loss", "precision", "recall",
                                           "n", "split") if k in m},
         "training_mix": (data.get("train") or {}).get("per_class") or {},

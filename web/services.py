@@ -25,16 +25,17 @@ from src.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_predictors: dict[tuple[str, float], LivePredictorHolder] = {}
+_predictors: dict[tuple[str, float, str], LivePredictorHolder] = {}
 _predictors_lock = threading.Lock()
 
 
 class LivePredictorHolder:
     """Creates the process's ``LivePredictor`` on first use and retries while no model loads."""
 
-    def __init__(self, models_dir: Path, poll_s: float):
+    def __init__(self, models_dir: Path, poll_s: float, precision: str = "auto"):
         self.models_dir = Path(models_dir)
         self.poll_s = poll_s
+        self.precision = precision
         self._live = None
         self._lock = threading.Lock()
         self._last_try = 0.0
@@ -56,7 +57,8 @@ class LivePredictorHolder:
         from src.prediction import LivePredictor
 
         try:
-            self._live = LivePredictor(self.models_dir, self.poll_s, watch=True)
+            self._live = LivePredictor(self.models_dir, self.poll_s, watch=True,
+                                       precision=self.precision)
             self.error = None
             log.info("serving model %s from %s", self._live.current.version, self.models_dir)
         except Exception as exc:  # any failure to load means "not ready", never a crash
@@ -88,10 +90,11 @@ class LivePredictorHolder:
 
 
 def predictor_holder(settings: Settings) -> LivePredictorHolder:
-    key = (str(Path(settings.models_dir).resolve()), float(settings.model_poll_s))
+    key = (str(Path(settings.models_dir).resolve()), float(settings.model_poll_s),
+           settings.inference_precision)
     with _predictors_lock:
         if key not in _predictors:
-            _predictors[key] = LivePredictorHolder(Path(key[0]), key[1])
+            _predictors[key] = LivePredictorHolder(Path(key[0]), key[1], key[2])
         return _predictors[key]
 
 

@@ -184,7 +184,7 @@ def predict(
     from ..prediction import Predictor
     from ..preprocessing import AudioError
 
-    predictor = Predictor(resolve_model(model))
+    predictor = Predictor(resolve_model(model), precision=get_settings().inference_precision)
     failed = 0
     for f in files:
         try:

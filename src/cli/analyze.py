@@ -46,9 +46,10 @@ def analyze(
     from ..analysis import Options, analyse
     from ..prediction import Predictor
     from ..preprocessing import AudioError, probe
+    from ..settings import get_settings
     from . import resolve_model
 
-    predictor = Predictor(resolve_model(model))
+    predictor = Predictor(resolve_model(model), precision=get_settings().inference_precision)
     options = Options.from_settings(window_s=window, hop_s=hop, config=predictor.config,
                                     min_confidence=min_confidence)
     options.check(predictor.config)  # a bad --window fails once, not once per file

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from web_helpers import TOKEN, audio_bytes, tone
 
+from src.prediction import serving_precision
 from src.preprocessing import CLASSES
 
 
@@ -479,6 +480,7 @@ def test_metrics_json_counts_predictions(client, clip):
     assert after["latency_ms"]["predict"]["p50"] <= after["latency_ms"]["predict"]["p99"]
     assert after["confidence"]["count"] >= 3 and 0 < after["confidence"]["mean"] <= 1
     assert after["model"]["version"] == "quick-1" and "accuracy" in after["model"]["metrics"]
+    assert after["model"]["inference_precision"] == serving_precision("auto")
     assert after["drift"]["js_distance"] is not None and after["drift"]["interpretation"]
     assert 0 <= after["error_rate"] <= 1 and after["client_error_rate"] > 0
 

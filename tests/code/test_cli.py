@@ -49,6 +49,19 @@ def test_predict_json_contract(model_file, us8k):
         assert abs(sum(row["probabilities"].values()) - 1) < 1e-4
 
 
+def test_inference_precision_setting(model_file, us8k):
+    """The setting reaches the CLI's predictor; a value it does not know is one clear line."""
+    f = str(next((us8k / "audio" / "fold1").glob("*.flac")))
+    bad = run("predict", "--model", str(model_file), f,
+              env={"URBANSOUND_INFERENCE_PRECISION": "half"})
+    assert_one_line_error(bad)
+    assert "inference_precision" in bad.stderr and "bfloat16" in bad.stderr
+    rows = [json.loads(run("predict", "--model", str(model_file), "--json", f,
+                           env={"URBANSOUND_INFERENCE_PRECISION": p}).stdout)
+            for p in ("float32", "auto")]
+    assert rows[0]["label"] == rows[1]["label"]
+
+
 def test_predict_reports_bad_files_and_keeps_going(model_file, us8k, tmp_path):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all" * 10)

@@ -11,7 +11,7 @@ import torch
 from src.datasets import read_us8k
 from src.features import load_waveforms
 from src.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from src.prediction import Predictor
+from src.prediction import Predictor, native_bfloat16
 from src.preprocessing import CLASSES, FeatureConfig
 
 
@@ -73,10 +73,42 @@ def test_train_and_serve_compute_identical_features(quick_model, us8k, tmp_path)
 
 def test_optimised_predictor_agrees_with_eager(quick_model, us8k):
     clips = read_us8k(us8k, {2})[:8]
-    fast = Predictor(quick_model.checkpoint, optimise=True)
+    fast = Predictor(quick_model.checkpoint, optimise=True, precision="float32")
     slow = Predictor(quick_model.checkpoint, optimise=False)
+    assert (fast.precision, slow.precision) == ("float32", "float32")
     waves = np.stack([fast.load(c.path) for c in clips])
     np.testing.assert_allclose(fast.probabilities(waves), slow.probabilities(waves), atol=1e-4)
+
+
+@pytest.mark.skipif(not native_bfloat16(), reason="this CPU has no native bfloat16 kernels "
+                    "(AVX512-BF16/AMX): serving stays in float32 here, see the next test")
+def test_bfloat16_serving_answers_as_the_float32_model_does(committed_model, us8k):
+    """The served model with its conv body in bfloat16 (``auto`` on this CPU) gives the
+    float32 model's answer on real clips, with probabilities within a few points; a batch
+    and a single clip get the same answer."""
+    clips = [c for fold in (1, 2, 3) for c in read_us8k(us8k, {fold})[:40]]
+    served = Predictor(committed_model)
+    exact = Predictor(committed_model, precision="float32")
+    assert (served.precision, exact.precision) == ("bfloat16", "float32")
+    waves = np.stack([served.load(c.path) for c in clips])
+    fast, slow = served.probabilities(waves), exact.probabilities(waves)
+    assert (fast.argmax(1) == slow.argmax(1)).mean() >= 0.97
+    assert np.abs(fast - slow).max() < 0.05
+    np.testing.assert_allclose(served.probabilities(waves[:1])[0], fast[0], atol=1e-2)
+
+
+def test_precision_auto_keeps_float32_without_native_kernels(quick_model, monkeypatch):
+    from src import prediction
+
+    monkeypatch.setattr(prediction, "native_bfloat16", lambda: False)
+    assert prediction.serving_precision("auto") == "float32"
+    assert Predictor(quick_model.checkpoint).precision == "float32"
+    assert prediction.serving_precision("bfloat16") == "bfloat16"  # asked for: honoured
+    monkeypatch.setattr(prediction, "native_bfloat16", lambda: True)
+    assert prediction.serving_precision("auto") == "bfloat16"
+    assert Predictor(quick_model.checkpoint, optimise=False).precision == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        prediction.serving_precision("half")
 
 
 def test_prediction_contract(quick_model, us8k):
@@ -139,7 +171,7 @@ def test_multi_channel_front_end_round_trips_and_serves(frontend, envelope, tmp_
     assert loaded.config.frontend == frontend and (loaded.envelope is not None) == envelope
     with torch.inference_mode():
         torch.testing.assert_close(loaded(waves), model(waves))
-    predictor = Predictor(ckpt)
+    predictor = Predictor(ckpt, precision="float32")
     eager = Predictor(ckpt, optimise=False)
     np.testing.assert_allclose(predictor.probabilities(waves[:2].numpy()),
                                eager.probabilities(waves[:2].numpy()), atol=1e-4)
