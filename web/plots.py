@@ -27,7 +27,20 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def spectrogram_png(logmel: np.ndarray, sample_rate: int, hop: int, title: str = "") -> bytes:
+#: how the Predict page names the front end's other channels (``FeatureConfig.frontend``)
+CHANNEL_NAMES = {"pcen": "PCEN (per-channel energy normalised)", "delta": "delta"}
+
+
+def spectrogram_title(frontend: str) -> str:
+    """The image shows the log-mel channel only; the title must not claim it is all the model
+    sees when the front end stacks more channels beside it."""
+    others = [CHANNEL_NAMES.get(k, k) for k in frontend.split("+")[1:]]
+    if not others:
+        return "Log-mel spectrogram (what the model sees)"
+    return f"Log-mel spectrogram (the model also sees its {' and '.join(others)} image)"
+
+
+def spectrogram_png(logmel: np.ndarray, sample_rate: int, hop: int) -> bytes:
     """The log-mel the model saw (dB), time in seconds, mel bands bottom to top."""
     fig = Figure(figsize=(7, 2.6), dpi=100)
     ax = fig.add_subplot()
@@ -37,7 +50,7 @@ def spectrogram_png(logmel: np.ndarray, sample_rate: int, hop: int, title: str =
                       vmax=top, extent=(0, seconds, 0, logmel.shape[0]))
     ax.set_xlabel("time (s)")
     ax.set_ylabel("mel band")
-    ax.set_title(title or "Log-mel spectrogram (what the model sees)", fontsize=10)
+    ax.set_title("Log-mel spectrogram", fontsize=10)  # the page's heading says what else
     fig.colorbar(image, ax=ax, label="dB", fraction=0.04)
     fig.tight_layout()
     return png(fig)

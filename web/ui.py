@@ -136,6 +136,7 @@ def predict_page():
         "file": filename,
         "ranked": sorted(prediction.probabilities.items(), key=lambda kv: kv[1], reverse=True),
         "spectrogram": "data:image/png;base64," + base64.b64encode(image).decode(),
+        "spectrogram_title": plots.spectrogram_title(config.frontend),
         "audio": (f"data:{_audio_mime(data)};base64," + base64.b64encode(data).decode())
         if len(data) <= PLAYER_MAX_BYTES else None,
     }

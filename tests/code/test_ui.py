@@ -46,6 +46,8 @@ def test_predict_page_shows_label_bars_spectrogram_player(client, clip):
         "engine_idling", "gun_shot", "jackhammer", "siren", "street_music"}
     assert html.count("<meter") == 10
     assert 'src="data:image/png;base64,' in html  # the log-mel spectrogram
+    # quick-1 has the default front end: the heading does not pass the image off as all it sees
+    assert "Log-mel spectrogram (the model also sees its PCEN" in html
     assert '<audio controls src="data:audio/wav;base64,' in html
     assert "siren_clip.wav" in html and "quick-1" in html
 
@@ -577,3 +579,12 @@ def test_feedback_for_real(admin_client):
     again = admin_client.post("/predict/feedback", data={**form, "prediction_id": predict()})
     html = again.get_data(as_text=True)
     assert "Not saved" in html and 'data-code="duplicate"' in html
+
+
+def test_spectrogram_heading_names_what_else_the_model_sees():
+    from web.plots import spectrogram_title
+
+    assert spectrogram_title("logmel") == "Log-mel spectrogram (what the model sees)"
+    assert "PCEN" in spectrogram_title("logmel+pcen")
+    assert "PCEN (per-channel energy normalised) and delta" in \
+        spectrogram_title("logmel+pcen+delta")
