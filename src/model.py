@@ -407,5 +407,10 @@ def new_model(train_x: torch.Tensor, cfg: TrainConfig, config: FeatureConfig) ->
         logmels = torch.cat([probe.frontend(train_x[i : i + 256])
                              for i in range(0, len(train_x), 256)])
     mean, std = band_statistics(logmels)
+    # The initial weights are the seed's: drawn from whatever state the global generator was
+    # left in, the first model of a process depended on what ran before it (one grouped
+    # validation's first fold scored 0.667 in one process and 0.768 in another), and a
+    # cross-validation resumed mid-way did not train the folds it would have.
+    torch.manual_seed(cfg.seed)
     return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std,
                     freq_pool=cfg.freq_pool, envelope=cfg.envelope)

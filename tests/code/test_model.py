@@ -189,3 +189,20 @@ def test_checkpoints_from_before_front_ends_load_as_log_mel(committed_model):
     assert model.envelope is None
     with torch.inference_mode():
         assert model(torch.randn(2, model.config.n_samples) * 0.1).shape == (2, len(CLASSES))
+
+
+def test_the_seed_alone_decides_the_initial_weights():
+    """Whatever ran before in the process (here: random draws of another size), a seed gives
+    the same initial weights, and another seed other ones."""
+    from src.model import TrainConfig, new_model
+
+    config = FeatureConfig(sample_rate=8000, clip_seconds=1.0, fmax=4000.0)
+    waves = torch.randn(4, config.n_samples) * 0.1
+
+    def weights(seed: int, draws: int) -> list[torch.Tensor]:
+        torch.rand(draws)  # what ran before: the global generator left anywhere
+        return list(new_model(waves, TrainConfig(seed=seed), config).state_dict().values())
+
+    first, again, other = weights(3, 1), weights(3, 1000), weights(4, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
