@@ -7,19 +7,26 @@ module only fixes which ones we report and how they are laid out.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes) -> dict:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, loss, macro/weighted precision-recall-F1, per class, confusion matrix.
 
     Macro averages are the headline: UrbanSound8K is imbalanced (car_horn and gun_shot are
@@ -58,14 +65,15 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes) -> d
     }
 
 
-def write_report(metrics: dict, path: Path) -> Path:
+def write_report(metrics: dict[str, Any], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return path
 
 
-def plot_confusion_matrix(metrics: dict, path: Path | None = None, title: str = ""):
+def plot_confusion_matrix(metrics: dict[str, Any], path: Path | None = None,
+                          title: str = "") -> Figure:
     """Row-normalised (recall per true class) with counts in the cells: readable at a glance
     even though classes have very different sizes. Returns the figure; saves it if asked."""
     import matplotlib

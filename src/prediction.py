@@ -43,11 +43,11 @@ class Prediction:
     confidence: float
     probabilities: dict[str, float]
     model_version: str
-    top_k: list[dict] = field(default_factory=list)
+    top_k: list[dict[str, Any]] = field(default_factory=list)
     duration_s: float | None = None  # the file's length by its header (None: not known)
     analysed_s: float | None = None  # how much of it the answer heard: the first clip_seconds
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -94,13 +94,13 @@ class ReducedPrecision(nn.Module):
 class Predictor:
     """One loaded model version, traced and frozen for fast single-clip CPU inference."""
 
-    def __init__(self, checkpoint: dict | str | Path, optimise: bool = True,
+    def __init__(self, checkpoint: dict[str, Any] | str | Path, optimise: bool = True,
                  precision: str = "auto"):
         self.checkpoint_path = None if isinstance(checkpoint, dict) else Path(checkpoint)
         ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         self.version: str = ckpt["version"]
         self.classes: tuple[str, ...] = tuple(ckpt["classes"])
-        self.metrics: dict = ckpt.get("metrics", {})
+        self.metrics: dict[str, Any] = ckpt.get("metrics", {})
         self.model = build_model(ckpt)
         self.config = self.model.config
         #: what the conv body runs in (``float32`` without ``optimise``: the model as trained)
@@ -114,7 +114,7 @@ class Predictor:
         net = ReducedPrecision(self.model) if self.precision == "bfloat16" else self.model
         try:
             with torch.inference_mode():
-                traced = torch.jit.trace(net, example)
+                traced = torch.jit.trace(net, example)  # type: ignore[no-untyped-call]
                 return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         except Exception as exc:
             log.warning("TorchScript optimisation failed (%s); serving the eager model", exc)
@@ -183,7 +183,8 @@ class Predictor:
     def logmel(self, waveform: np.ndarray) -> np.ndarray:
         """The (unstandardised) log-mel the model sees, for display."""
         x = torch.from_numpy(np.asarray(waveform, dtype=np.float32)).unsqueeze(0)
-        return self.model.frontend.logmel(x)[0, 0].numpy()
+        image: np.ndarray = self.model.frontend.logmel(x)[0, 0].numpy()
+        return image
 
 
 POINTER_PROBLEMS = {
@@ -206,7 +207,7 @@ class PointerState:
         return self.state == "ok"
 
 
-def load_verified(path: Path, sha256: str) -> dict:
+def load_verified(path: Path, sha256: str) -> dict[str, Any]:
     """The checkpoint at ``path``, loaded from the very bytes whose sha256 was checked: a file
     swapped between the pointer check and the load is refused, never served."""
     from .model import CHECKPOINT_FORMAT, CheckpointError
