@@ -20,7 +20,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from .errors import one_line
 from .model import AudioCNN, build_model, load_checkpoint
 from .preprocessing import AudioSource, load_clip, probe
+from .settings import Precision
 
 if TYPE_CHECKING:
     from .registry import PointerCheck
@@ -51,8 +52,7 @@ class Prediction:
         return asdict(self)
 
 
-#: ``auto``: bfloat16 convolutions where the CPU computes them natively, else float32
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def serving_precision(requested: str = "auto") -> str:
