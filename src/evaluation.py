@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -32,6 +31,10 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     Macro averages are the headline: UrbanSound8K is imbalanced (car_horn and gun_shot are
     rare) and accuracy alone hides a model that ignores them.
     """
+    # here, not at the top: serving imports this module (through ``model``) but never scores
+    # a test set, and scikit-learn costs every web and worker process ~1.5 s and ~40 MB
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     classes = list(classes)
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)

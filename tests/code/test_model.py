@@ -206,3 +206,18 @@ def test_the_seed_alone_decides_the_initial_weights():
     first, again, other = weights(3, 1), weights(3, 1000), weights(4, 1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_serving_does_not_import_scikit_learn(committed_model, us8k):
+    """A fresh process that loads the served model and predicts never imports scikit-learn
+    (or SciPy under it): they cost every web and worker process ~1 s and ~80 MB."""
+    import subprocess
+    import sys
+
+    clip = next((us8k / "audio" / "fold1").glob("*.flac"))
+    code = ("import sys; from src.prediction import Predictor; "
+            f"print(Predictor({str(committed_model)!r}).predict({str(clip)!r}).label); "
+            "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.splitlines()
+    assert out[0] in CLASSES and out[1] == "[]"
