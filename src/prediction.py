@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import one_line
 from .model import AudioCNN, build_model, load_checkpoint
-from .preprocessing import AudioSource, load_clip, probe
+from .preprocessing import AudioSource, load_clip, load_clip_measured
 from .settings import Precision
 
 if TYPE_CHECKING:
@@ -136,13 +136,7 @@ class Predictor:
                                                           float | None]:
         """``load`` plus how long the file is and how much of it the model hears, so an
         answer about the first ``clip_seconds`` never passes for one about the whole file."""
-        position = source.tell() if hasattr(source, "tell") else None
-        try:
-            info = probe(source)
-        finally:
-            if position is not None and hasattr(source, "seek"):
-                source.seek(position)
-        waveform = self.load(source)
+        waveform, info = load_clip_measured(source, self.config)
         if info.frames <= 0 or info.samplerate <= 0:
             return waveform, None, None
         duration = info.frames / info.samplerate

@@ -136,6 +136,14 @@ def probe(source: AudioSource) -> AudioInfo:
 def decode(source: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode to float32 ``(frames, channels)``; reads at most ``max_seconds`` (bounded work
     even when a header claims gigabytes)."""
+    data, info = decode_measured(source, max_seconds)
+    return data, info.samplerate
+
+
+def decode_measured(source: AudioSource, max_seconds: float | None = None
+                    ) -> tuple[np.ndarray, AudioInfo]:
+    """``decode`` plus the header it read (the whole file's length, not just what was read):
+    one open instead of a ``probe`` and a ``decode``, ~0.2 ms of a ~3.5 ms prediction."""
     with _open(source) as f:
         if f.samplerate < 1000 or f.samplerate > 384_000:
             raise AudioError("bad_rate", f"Unsupported sample rate {f.samplerate} Hz.")
@@ -146,7 +154,7 @@ def decode(source: AudioSource, max_seconds: float | None = None) -> tuple[np.nd
             data = f.read(frames=limit, dtype="float32", always_2d=True)
         except Exception as exc:  # a corrupt body fails in many ways too
             raise AudioError("undecodable", f"The audio data is corrupt: {exc}") from None
-        return data, f.samplerate
+        return data, AudioInfo(f.samplerate, f.channels, f.frames, f.format, f.subtype)
 
 
 def to_mono(data: np.ndarray) -> np.ndarray:
@@ -205,12 +213,20 @@ def load_clip(
 
     Only the first ``clip_seconds`` are decoded: a 10-minute file costs what a 4-s one does.
     """
+    return load_clip_measured(source, config, min_seconds)[0]
+
+
+def load_clip_measured(
+    source: AudioSource, config: FeatureConfig | None = None, min_seconds: float = 0.05
+) -> tuple[np.ndarray, AudioInfo]:
+    """``load_clip`` plus the file's header, so a prediction can say how much of how long a
+    file it heard without opening the file a second time."""
     cfg = config or FeatureConfig()
-    data, sr = decode(source, max_seconds=cfg.clip_seconds)
+    data, info = decode_measured(source, max_seconds=cfg.clip_seconds)
     y = to_mono(data)
-    check_samples(y, sr, min_seconds)
-    y = resample(y, sr, cfg.sample_rate)
-    return fix_length(normalise_level(y, cfg.target_dbfs), cfg.n_samples, cfg.pad_mode)
+    check_samples(y, info.samplerate, min_seconds)
+    y = resample(y, info.samplerate, cfg.sample_rate)
+    return fix_length(normalise_level(y, cfg.target_dbfs), cfg.n_samples, cfg.pad_mode), info
 
 
 # --------------------------------------------------------------------------- labels
