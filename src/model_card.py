@@ -10,14 +10,18 @@ from typing import Any
 
 import numpy as np
 
+from .preprocessing import channel_names
+
 POOLING = {"bands": "; a head that keeps each frequency band instead of averaging them"}
 ENVELOPE = "; the head also sees each band's mean and spread over time"
-FRONT_ENDS = {
-    "logmel": "log-mel spectrograms",
-    "logmel+pcen": "log-mel and PCEN (per-channel energy normalised) spectrograms",
-    "logmel+delta": "log-mel spectrograms and their deltas",
-    "logmel+pcen+delta": "log-mel, PCEN and delta spectrograms",
-}
+
+
+def describe_frontend(frontend: str) -> str:
+    """What the card says the model sees ("log-mel and PCEN (…) spectrograms"), in the words
+    the Predict page uses for the same channels."""
+    names = channel_names(frontend)
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{listed} spectrograms"
 
 
 def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, int, float]]:
@@ -102,7 +106,7 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         f"{arch['dropout']}{POOLING.get(arch.get('freq_pool', 'mean'), '')}"
         f"{ENVELOPE if arch.get('envelope') else ''})"
         f" classifying 4-second clips into the ten UrbanSound8K classes from "
-        f"{cfg['n_mels']}-band {FRONT_ENDS.get(cfg.get('frontend', 'logmel'), 'log-mel')} "
+        f"{cfg['n_mels']}-band {describe_frontend(cfg.get('frontend', 'logmel'))} "
         f"({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "
         f"hop {cfg['hop_length']}). Created {ckpt['created_at']}; parent: "
         f"{ckpt.get('parent') or 'none (trained from scratch)'}.",

@@ -330,6 +330,14 @@ def to_db(power: torch.Tensor) -> torch.Tensor:
 #: and stationary-background-invariant, so it shows onsets and modulation (a jackhammer's
 #: hits) that the log-mel of a loud steady hum buries. "delta": the log-mel's slope over time.
 FRONTENDS = ("logmel", "logmel+pcen", "logmel+delta", "logmel+pcen+delta")
+#: how each channel is named to people (the model card, the Predict page)
+CHANNEL_NAMES = {"logmel": "log-mel", "pcen": "PCEN (per-channel energy normalised)",
+                 "delta": "delta"}
+
+
+def channel_names(frontend: str) -> list[str]:
+    """The front end's channels as people read them, log-mel first."""
+    return [CHANNEL_NAMES.get(kind, kind) for kind in frontend.split("+")]
 
 
 def pcen_smoother(s: float, frames: int) -> torch.Tensor:

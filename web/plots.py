@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from src.preprocessing import CLASSES
+from src.preprocessing import CLASSES, channel_names
 
 BLUE, ORANGE, GREY = "#1f5f99", "#d9822b", "#5f6b73"
 _cm_lock = threading.Lock()
@@ -28,13 +28,10 @@ def png(fig: Figure) -> bytes:
 
 
 #: how the Predict page names the front end's other channels (``FeatureConfig.frontend``)
-CHANNEL_NAMES = {"pcen": "PCEN (per-channel energy normalised)", "delta": "delta"}
-
-
 def spectrogram_title(frontend: str) -> str:
     """The image shows the log-mel channel only; the title must not claim it is all the model
     sees when the front end stacks more channels beside it."""
-    others = [CHANNEL_NAMES.get(k, k) for k in frontend.split("+")[1:]]
+    others = channel_names(frontend)[1:]
     if not others:
         return "Log-mel spectrogram (what the model sees)"
     return f"Log-mel spectrogram (the model also sees its {' and '.join(others)} image)"
