@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from .preprocessing import (
 )
 
 CHECKPOINT_FORMAT = "urbansound-ckpt/1"
+#: a checkpoint as saved and loaded: plain data (see ``make_checkpoint``)
+Checkpoint = dict[str, Any]
 #: How the last feature map is summarised over frequency. "mean" (the original head) averages
 #: the bands away; "bands" keeps each of the n_mels/8 bands, so the head can tell where in the
 #: spectrum energy sits — what separates air conditioners, idling engines and jackhammers,
@@ -96,7 +98,7 @@ class AudioCNN(nn.Module):
     def features(self, waveforms: torch.Tensor) -> torch.Tensor:
         """Waveforms → standardised log-mel (and the front end's other channels), the point
         where SpecAugment/mixup apply."""
-        return self.standardise(self.frontend(waveforms))
+        return cast(torch.Tensor, self.standardise(self.frontend(waveforms)))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.decide(self.body(x.contiguous(memory_format=torch.channels_last)), x)
@@ -111,7 +113,7 @@ class AudioCNN(nn.Module):
         if self.envelope is not None:
             logmel = x[:, 0]  # (batch, mels, frames), standardised
             h = torch.cat([h, self.envelope(torch.cat([logmel.mean(-1), logmel.std(-1)], 1))], 1)
-        return self.head(self.dropout(h))
+        return cast(torch.Tensor, self.head(self.dropout(h)))
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(waveforms))
@@ -119,7 +121,7 @@ class AudioCNN(nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 
-def build_model(ckpt: dict) -> AudioCNN:
+def build_model(ckpt: Checkpoint) -> AudioCNN:
     model = AudioCNN(
         n_classes=len(ckpt["classes"]), widths=tuple(ckpt["arch"]["widths"]),
         dropout=ckpt["arch"]["dropout"], config=FeatureConfig.from_dict(ckpt["feature_config"]),
@@ -132,8 +134,9 @@ def build_model(ckpt: dict) -> AudioCNN:
 
 def make_checkpoint(
     model: AudioCNN, classes: tuple[str, ...], version: str, parent: str | None,
-    metrics: dict, data: dict, history: list[dict] | None = None, widths=None, dropout=None,
-) -> dict:
+    metrics: dict[str, Any], data: dict[str, Any], history: list[dict[str, Any]] | None = None,
+    widths: tuple[int, ...] | list[int] | None = None, dropout: float | None = None,
+) -> Checkpoint:
     """Only tensors, numbers, strings, lists and dicts: loadable with ``weights_only=True``."""
     return {
         "format": CHECKPOINT_FORMAT,
@@ -164,7 +167,7 @@ def _widths(model: AudioCNN) -> list[int]:
     return [convs[0], convs[1], convs[2], convs[4]]
 
 
-def save_checkpoint(ckpt: dict, path: Path) -> Path:
+def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
@@ -175,7 +178,7 @@ class CheckpointError(UserError, ValueError):
     """A file that is not one of our checkpoints, or a corrupt one."""
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path) -> Checkpoint:
     """``weights_only=True``: a checkpoint from an upload or a shared volume cannot run code."""
     try:
         ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -215,7 +218,7 @@ class TrainConfig:
     envelope: bool = True  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def compile_model(
@@ -244,7 +247,8 @@ def compile_model(
     return optimizer, scheduler, loss_fn
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss_fn: nn.CrossEntropyLoss):
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                       loss_fn: nn.CrossEntropyLoss) -> torch.Tensor:
     """Cross-entropy against (mixed) probability targets, honouring the loss's settings."""
     return F.cross_entropy(logits, target, weight=loss_fn.weight,
                            label_smoothing=loss_fn.label_smoothing)
@@ -259,12 +263,12 @@ def predict_logits(model: AudioCNN, waveforms: torch.Tensor, batch_size: int = 1
 
 def evaluate_model(
     model: AudioCNN, waveforms: torch.Tensor, labels: np.ndarray, classes: tuple[str, ...]
-) -> dict:
+) -> dict[str, Any]:
     logits = predict_logits(model, waveforms)
     return classification_metrics(logits.numpy(), np.asarray(labels), classes)
 
 
-EpochCallback = Callable[[dict], None]
+EpochCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -308,7 +312,7 @@ def train_epoch(model: AudioCNN, train_x: torch.Tensor, targets: torch.Tensor,
             soft = distillation_loss(logits, opt.teachers(x), cfg.distill_temperature)
             loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
         opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
         opt.optimizer.step()
         opt.scheduler.step()
         if opt.ema is not None:
@@ -329,7 +333,7 @@ class EarlyStopping:
         self.best, self.bad_epochs = -1.0, 0
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def step(self, epoch: int, record: dict, judged: nn.Module) -> bool:
+    def step(self, epoch: int, record: dict[str, Any], judged: nn.Module) -> bool:
         """Record epoch ``epoch`` (1-based); True when training should stop."""
         score = record["val_f1"] if record["val_f1"] is not None else -record["loss"]
         if score > self.best:
@@ -352,7 +356,7 @@ def fit(
     cfg: TrainConfig, classes: tuple[str, ...] = CLASSES,
     on_epoch: EpochCallback | None = None, progress: bool = True,
     teachers: Teachers | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Train an epoch, validate, let early stopping decide; restore the best weights.
 
     With ``teachers`` the loss also pulls the student towards their soft targets (see
@@ -372,11 +376,11 @@ def fit(
     # horizon 1/(1-decay) is capped at a quarter of all steps (long runs keep cfg.ema_decay).
     decay = min(cfg.ema_decay, 1 - 4 / max(8, steps * cfg.epochs))
     ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),  # type: ignore[no-untyped-call]
         use_buffers=True) if cfg.ema_decay else None)
     opt = Optimisation(optimizer, scheduler, loss_fn, gen, ema, teachers)
     stopper = EarlyStopping(cfg.patience, cfg.warmup_fraction * cfg.epochs)
-    history: list[dict] = []
+    history: list[dict[str, Any]] = []
     bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from .distill import Teachers
 from .features import load_waveforms
 from .model import (
     AudioCNN,
+    Checkpoint,
     EpochCallback,
     TrainConfig,
     build_model,
@@ -87,17 +89,17 @@ def split_clips(
 
 @dataclass
 class TrainResult:
-    checkpoint: dict
+    checkpoint: Checkpoint
     model: AudioCNN
-    test_metrics: dict
-    history: list[dict]
+    test_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
 
 
 def train(
     data_dir: Path, test_folds: set[int] | None = None, cfg: TrainConfig | None = None,
     config: FeatureConfig | None = None, cache_dir: Path | None = None,
     version: str = "dev", on_epoch: EpochCallback | None = None, progress: bool = True,
-    teachers: list[dict] | None = None,
+    teachers: list[Checkpoint] | None = None,
 ) -> TrainResult:
     """Train from scratch; with ``teachers`` (checkpoints) distil their ensemble into it."""
     cfg = cfg or TrainConfig()
@@ -126,8 +128,8 @@ def train(
 def fit_and_test(
     tr: Split, va: Split, te: Split, cfg: TrainConfig, config: FeatureConfig,
     on_epoch: EpochCallback | None = None, progress: bool = True,
-    teachers: list[dict] | None = None,
-) -> tuple[AudioCNN, dict, list[dict]]:
+    teachers: list[Checkpoint] | None = None,
+) -> tuple[AudioCNN, dict[str, Any], list[dict[str, Any]]]:
     """The recipe on splits already in memory: a fresh model (band statistics from ``tr``),
     fitted with early stopping on ``va``, scored on ``te``. ``train`` and both cross-validation
     protocols (``crossval``) run exactly this, so what they measure is the served recipe."""
@@ -140,10 +142,10 @@ def fit_and_test(
 
 
 def retrain(
-    base: dict, new_clips: list[Clip], train_clips: list[Clip], test_clips: list[Clip],
+    base: Checkpoint, new_clips: list[Clip], train_clips: list[Clip], test_clips: list[Clip],
     version: str, epochs: int = 8, lr: float = 3e-4, cache_dir: Path | None = None,
     on_epoch: EpochCallback | None = None, seed: int = 0, progress: bool = False,
-    ema_decay: float | None = None, carried_spec: dict | None = None, test_how: str = "",
+    ema_decay: float | None = None, carried_spec: dict[str, Any] | None = None, test_how: str = "",
     learn_without_forgetting: bool = False,
 ) -> TrainResult:
     """Fine-tune ``base`` on ``new_clips`` merged with ``train_clips``; evaluate on the fixed
