@@ -23,6 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 US8K = ROOT.parent / "shared" / "us8k"
 OUT = ROOT / "var" / "trials"
+DEFAULT_EPOCHS = 40
 
 #: name -> (TrainConfig changes, FeatureConfig changes) from ``BASE``, the log-mel recipe that
 #: served until PCEN won (its teachers: models/20261126T*); each variant names what it changes.
@@ -75,7 +76,9 @@ def run_fold3(name: str, seed: int, epochs: int, cache: Path,
 
     cfg, config = configs(name, seed, epochs)
     start = time.time()
-    label = f"{name}-student" if teachers else name  # a student is its own row in the table
+    # a student, or a schedule other than the default, is its own row in the table
+    label = f"{name}-student" if teachers else name
+    label += f"-e{epochs}" if epochs != DEFAULT_EPOCHS else ""
     result = train(US8K, {3}, cfg, config, cache_dir=cache, version=f"{label}-s{seed}",
                    progress=False, on_epoch=log_epoch,
                    teachers=[load_checkpoint(t) for t in teachers or []] or None)
@@ -131,7 +134,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--protocol", choices=("fold3", "grouped"), default="fold3")
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--cache", type=Path, default=ROOT / "var" / "cache")
     parser.add_argument("--teachers", type=Path, nargs="+", default=None,
                         help="fold3 only: distil these checkpoints' ensemble (a student run)")
