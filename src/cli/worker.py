@@ -28,14 +28,17 @@ def register(app: typer.Typer) -> None:
 
 @friendly_errors
 def worker(
-    concurrency: int = typer.Option(1, min=1, help="Parallel retrains per worker (keep 1: "
-                                    "one retrain at a time, all cores for it)."),
+    concurrency: int = typer.Option(
+        2, min=1, help="Jobs this worker runs at once. Retrains stay one at a time whatever "
+        "this says (the database allows one active retrain); the second slot is there so the "
+        "analysis of a long recording does not wait behind a retrain that takes minutes."),
     loglevel: str = typer.Option("info", help="Celery log level."),
     hostname: str = typer.Option(None, "--hostname", "-n",
                                  help="Node name (default celery@<host>); keep it stable "
                                  "across restarts so orphaned jobs are recovered at once."),
 ) -> None:
-    """Start a Celery worker for retraining jobs (Ctrl-C stops it after the current job).
+    """Start a Celery worker for retraining and analysis jobs (Ctrl-C stops it after the
+    current jobs).
 
     Runs ``celery -A worker.make_celery worker``; Flower watches the same broker with
     ``celery -A worker.make_celery flower --port=5555``.

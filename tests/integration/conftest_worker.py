@@ -1,7 +1,7 @@
 """Fixtures and helpers for the Celery worker tests (imported by ``test_worker.py``).
 
 Everything is real: a fresh Postgres database, Redis db ``URBANSOUND_TEST_REDIS_DB`` (9,
-flushed at the start), and a ``urbansound worker`` subprocess (Celery, prefork, concurrency 1)
+flushed at the start), and a ``urbansound worker`` subprocess (Celery, prefork, two slots)
 that sees the same ``URBANSOUND_*`` environment as the test process. Data are real
 UrbanSound8K clips from ``../shared/us8k``, read in place (a small UrbanSound8K-layout folder of
 symlinks is built under tmp): base training = the few clips of folds 4-9 plus 10 per class of

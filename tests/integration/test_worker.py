@@ -221,6 +221,40 @@ def test_kill_9_of_the_pool_child_fails_the_job_on_redelivery(clean, worker):
     assert worker.proc.poll() is None  # the worker itself lives on
 
 
+def test_an_analysis_does_not_wait_behind_a_retrain(clean, worker, tmp_path):
+    """A retrain takes minutes; the analysis of a long recording, seconds. With one slot the
+    analysis queued behind it waited for the whole retrain (and after ``job_queue_timeout_s``
+    was reported failed); the worker's second slot runs it beside the retrain."""
+    import numpy as np
+    import soundfile as sf
+
+    from src import analysis_jobs
+    from web import services
+
+    upload(clean, cw.pick(clean.rows, 2, 2, skip=16))
+    retrain, _ = jobs.request_retrain("test:busy", {"epochs": 60})
+    deadline = time.monotonic() + WAIT_S
+    while (cw.job_row(clean.db_url, retrain["id"])["progress"] or {}).get("epoch", 0) < 1:
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.1)
+    rows = cw.pick(clean.rows, 1, 1)[:3]
+    recording = tmp_path / "street.wav"
+    sf.write(recording, np.concatenate([sf.read(cw.clip_path(r), dtype="float32")[0]
+                                        for r in rows]), 22050)
+    settings = clean.settings()
+    with open(recording, "rb") as f:
+        analysis = analysis_jobs.create(f, "street.wav", {}, settings)
+    services.queue_analysis(analysis["id"], settings)
+    while not (analysis := analysis_jobs.get(analysis["id"], settings))["done"]:
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.2)
+    assert analysis["status"] == "succeeded", (analysis, worker.tail())
+    # the retrain was still training when the analysis ended: they ran side by side
+    assert jobs.get_job(retrain["id"])["status"] == "running", worker.tail()
+    done = jobs.wait_for_job(retrain["id"], WAIT_S, poll_s=0.5)
+    assert done["status"] in ("succeeded", "rejected"), (done, worker.tail())
+
+
 # --------------------------------------------------------------------------- one job at a time
 
 RACER = """
