@@ -375,9 +375,9 @@ def fit(
     # A short run must not be judged by an average that still remembers the random init: the
     # horizon 1/(1-decay) is capped at a quarter of all steps (long runs keep cfg.ema_decay).
     decay = min(cfg.ema_decay, 1 - 4 / max(8, steps * cfg.epochs))
-    ema = (torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),  # type: ignore[no-untyped-call]
-        use_buffers=True) if cfg.ema_decay else None)
+    average = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)  # type: ignore[no-untyped-call]
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+           if cfg.ema_decay else None)
     opt = Optimisation(optimizer, scheduler, loss_fn, gen, ema, teachers)
     stopper = EarlyStopping(cfg.patience, cfg.warmup_fraction * cfg.epochs)
     history: list[dict[str, Any]] = []
