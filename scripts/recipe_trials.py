@@ -43,6 +43,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "hop256": ({}, {"hop_length": 256}),
     "envelope": ({"envelope": True}, {}),
     "pcen-envelope": ({"envelope": True}, {"frontend": "logmel+pcen"}),
+    "pcen-envelope-last": ({"envelope": True, "keep": "last"}, {"frontend": "logmel+pcen"}),
     "mels128": ({}, {"n_mels": 128, "n_fft": 2048}),
 }
 

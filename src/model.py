@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -218,6 +218,10 @@ class TrainConfig:
     envelope: bool = True  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
+    # which weights a run ends with: "best", the best validation epoch's (and stop after
+    # ``patience``); "last", the whole schedule's final (averaged) weights, for when the
+    # validation set is too small for its best epoch to be more than noise
+    keep: Literal["best", "last"] = "best"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -357,7 +361,8 @@ def fit(
     on_epoch: EpochCallback | None = None, progress: bool = True,
     teachers: Teachers | None = None,
 ) -> list[dict[str, Any]]:
-    """Train an epoch, validate, let early stopping decide; restore the best weights.
+    """Train an epoch, validate, let early stopping decide; restore the best weights (with
+    ``cfg.keep == "last"``: run the whole schedule and keep its final weights).
 
     With ``teachers`` the loss also pulls the student towards their soft targets (see
     ``distill``).
@@ -397,9 +402,12 @@ def fit(
         bar.set_postfix(loss=f"{record['loss']:.3f}", val_f1=f"{record['val_f1'] or 0:.3f}")
         if on_epoch:
             on_epoch(record)
-        if stopper.step(epoch + 1, record, judged):
+        if stopper.step(epoch + 1, record, judged) and cfg.keep == "best":
             break
-    stopper.restore(model)
+    if cfg.keep == "last":
+        model.load_state_dict(judged.state_dict())
+    else:
+        stopper.restore(model)
     model.eval()
     return history
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from src.datasets import read_class_folders
@@ -31,6 +32,23 @@ def test_early_stopping_restores_the_best_epoch(synthetic_data, tmp_path):
 
     restored = evaluate_model(model, split.x[:20], split.y[:20], tuple(range(10)))
     assert abs(restored["macro_f1"] - best) < 1e-6 or restored["macro_f1"] >= best
+
+
+def test_keep_last_runs_the_whole_schedule_and_keeps_its_final_weights(synthetic_data, tmp_path):
+    """The same plateauing run as above: "best" stops early, "last" trains every epoch and
+    ends with the weights its last validation scored (not the best epoch's)."""
+    from src.model import evaluate_model
+
+    clips = read_class_folders(synthetic_data / "train")[:60]
+    split = Split.load(clips, FeatureConfig(), tmp_path, progress=False)
+    cfg = TrainConfig(epochs=12, patience=2, lr=3e-2, seed=0, keep="last")
+    model = new_model(split.x, cfg, FeatureConfig())
+    history = fit(model, split.x, split.y, split.x[:20], split.y[:20], cfg, progress=False)
+    assert len(history) == 12
+    final = evaluate_model(model, split.x[:20], split.y[:20], tuple(range(10)))
+    assert final["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+    # and "best" would have kept another epoch's weights: the test tells the two apart
+    assert history[-1]["val_f1"] < max(h["val_f1"] for h in history)
 
 
 def test_retrain_fine_tunes_from_the_checkpoint(quick_model, synthetic_data, tmp_path):
