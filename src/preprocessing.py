@@ -130,7 +130,12 @@ def _open(source: AudioSource) -> sf.SoundFile:
 def probe(source: AudioSource) -> AudioInfo:
     """Header only: cheap checks (rate, channels, claimed length) before reading samples."""
     with _open(source) as f:
-        return AudioInfo(f.samplerate, f.channels, f.frames, f.format, f.subtype)
+        return _info(f)
+
+
+def _info(f: sf.SoundFile) -> AudioInfo:
+    """The header of an open file, in the one shape ``probe`` and ``decode_measured`` share."""
+    return AudioInfo(f.samplerate, f.channels, f.frames, f.format, f.subtype)
 
 
 def decode(source: AudioSource, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
@@ -154,7 +159,7 @@ def decode_measured(source: AudioSource, max_seconds: float | None = None
             data = f.read(frames=limit, dtype="float32", always_2d=True)
         except Exception as exc:  # a corrupt body fails in many ways too
             raise AudioError("undecodable", f"The audio data is corrupt: {exc}") from None
-        return data, AudioInfo(f.samplerate, f.channels, f.frames, f.format, f.subtype)
+        return data, _info(f)
 
 
 def to_mono(data: np.ndarray) -> np.ndarray:
