@@ -193,6 +193,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 # --------------------------------------------------------------------------- training
 
+#: Which weights a run ends with (``TrainConfig.keep``; the ``--keep`` of train and crossval).
+Keep = Literal["best", "last"]
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 40
@@ -221,7 +225,7 @@ class TrainConfig:
     # which weights a run ends with: "best", the best validation epoch's (and stop after
     # ``patience``); "last", the whole schedule's final (averaged) weights, for when the
     # validation set is too small for its best epoch to be more than noise
-    keep: Literal["best", "last"] = "best"
+    keep: Keep = "best"
     extra: dict[str, Any] = field(default_factory=dict)
 
 

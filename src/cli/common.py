@@ -6,11 +6,14 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast, get_args
 
 import typer
 
 from ..errors import UserError, one_line
+
+if TYPE_CHECKING:
+    from ..model import Keep
 
 __all__ = ["UserError", "fail", "friendly_errors", "print_json"]
 
@@ -52,6 +55,22 @@ def exit_quietly_on_closed_stdout() -> None:
     except (AttributeError, OSError, ValueError):
         pass
     raise typer.Exit(EXIT_BROKEN_PIPE)
+
+
+KEEP_HELP = ("Weights a run ends with: best (the best validation epoch's; stops after "
+             "--patience epochs without gain) or last (the whole schedule's final averaged "
+             "weights). Default: best.")
+
+
+def checked_keep(keep: str) -> Keep:
+    """``--keep`` checked against ``TrainConfig``'s own choices, so the list lives in one
+    place; imported here, not at the top, because ``model`` loads torch and only the commands
+    that train should pay for that."""
+    from ..model import Keep
+
+    if keep not in get_args(Keep):
+        raise typer.BadParameter(f"--keep must be one of {', '.join(get_args(Keep))}")
+    return cast("Keep", keep)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -123,18 +123,23 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     teacher = load_checkpoint(path)
     assert teacher["feature_config"]["frontend"] == "logmel+pcen" and teacher["arch"]["envelope"]
 
-    # the recipe's two choices are flags; a teacher must share the student's features
+    # the recipe's choices are flags; a teacher must share the student's features
+    assert teacher["data"]["train_config"]["keep"] == "best"
     proc = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
-               "--frontend", "logmel", "--no-envelope", env=env)
+               "--frontend", "logmel", "--no-envelope", "--keep", "last", env=env)
     assert proc.returncode == 0, proc.stderr
     plain = load_checkpoint(registry.current(tmp_path / "models")[1])
     assert plain["feature_config"]["frontend"] == "logmel" and not plain["arch"]["envelope"]
+    assert plain["data"]["train_config"]["keep"] == "last"
     mismatch = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
                    "--frontend", "logmel", "--teacher", version, env=env)
     assert_one_line_error(mismatch)
     assert "other features" in mismatch.stderr
     assert_one_line_error(run("train", "--data", str(synthetic_data), "--frontend", "mfcc",
                               env=env))
+    wrong_keep = run("train", "--data", str(synthetic_data), "--keep", "first", env=env)
+    assert_one_line_error(wrong_keep)
+    assert "--keep must be one of best, last" in wrong_keep.stderr
 
 
 def test_a_closed_pipe_ends_the_command_at_once_and_quietly(model_file, us8k):
