@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,13 +188,13 @@ def official(
                 old.unlink()
         _write_atomically(results_dir / "run.json", {
             "format": RESULTS_FORMAT, "data": str(Path(data_dir).resolve()),
-            "clips": len(data.clips), "train_config": _recipe(cfg),
+            "clips": len(data.clips), "train_config": cfg.to_dict(),
             "feature_config": config.to_dict()})
     rows = run_splits(data, chosen, cfg, config, results_dir, progress, on_fold)
     return {"protocol": "official", "data": str(data_dir),
             "test_folds": [int(f.name.removeprefix("fold")) for f in chosen], "run_key": key,
             "results_dir": str(results_dir) if results_dir else None,
-            "skipped": len(clips) - len(data.clips), "train_config": _recipe(cfg),
+            "skipped": len(clips) - len(data.clips), "train_config": cfg.to_dict(),
             **summarise(rows)}
 
 
@@ -215,21 +215,16 @@ def grouped_cv(
                       on_fold)
     return {"protocol": f"grouped {k}-fold", "data": str(data_dir),
             "excluded_folds": sorted(exclude_folds or []), "split_seed": seed,
-            "train_config": _recipe(cfg), **summarise(rows)}
+            "train_config": cfg.to_dict(), **summarise(rows)}
 
 
 # --------------------------------------------------------------------------- results on disk
-
-def _recipe(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
-            if k != "extra"}
-
 
 def run_key(clips: list[Clip], cfg: TrainConfig, config: FeatureConfig) -> str:
     """Names a run by what decides its results: the clips (paths, labels, folds), the recipe
     and the features. Resuming reuses only folds computed under the same key."""
     identity = {"clips": sorted((str(c.path.resolve()), c.label, c.fold) for c in clips),
-                "train_config": _recipe(cfg), "feature_config": config.to_dict()}
+                "train_config": cfg.to_dict(), "feature_config": config.to_dict()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()
                           ).hexdigest()[:16]
 

@@ -13,7 +13,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -227,6 +227,12 @@ class TrainConfig:
     # validation set is too small for its best epoch to be more than noise
     keep: Keep = "best"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data, for checkpoints and cross-validation records (tuples as
+        lists, so it reads back the same from JSON); ``extra`` is per-run state, not recipe."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
+                if k != "extra"}
 
 
 def compile_model(

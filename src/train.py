@@ -7,7 +7,7 @@ which is what the Celery worker runs. Both end in the same self-describing check
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ def train(
             "test": summarise(te.clips), "source_dir": str(data_dir), "split": how,
             "test_set": with_scores(spec_for(te.clips, kind, how.removeprefix("test = "),
                                              sorted(test_folds or [])), version, metrics),
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+            "train_config": cfg.to_dict(),
             "teachers": [t["version"] for t in teachers or []]}
     ckpt = make_checkpoint(model, CLASSES, version, None, metrics, data, history)
     return TrainResult(ckpt, model, metrics, history)
@@ -205,7 +205,7 @@ def retrain(
             "fine_tuned_from": base["version"], "learn_without_forgetting": teacher is not None,
             "source_dir": base_data.get("source_dir"),
             "lineage": [base["version"], *(base_data.get("lineage") or [])][:50],
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+            "train_config": cfg.to_dict()}
     ckpt = make_checkpoint(model, tuple(base["classes"]), version, base["version"], metrics,
                            data, history)
     return TrainResult(ckpt, model, metrics, history)
