@@ -58,6 +58,13 @@ def configs(name: str, seed: int, epochs: int):
     return cfg, replace(FeatureConfig(), **feature_changes)
 
 
+def run_label(name: str, epochs: int, student: bool = False) -> str:
+    """A student, or a schedule other than the default, is its own row in the table (and its
+    own file under var/trials/), on either protocol."""
+    return (f"{name}-student" if student else name) + (
+        f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "")
+
+
 def record(row: dict[str, Any]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "results.jsonl", "a") as f:
@@ -77,9 +84,7 @@ def run_fold3(name: str, seed: int, epochs: int, cache: Path,
 
     cfg, config = configs(name, seed, epochs)
     start = time.time()
-    # a student, or a schedule other than the default, is its own row in the table
-    label = f"{name}-student" if teachers else name
-    label += f"-e{epochs}" if epochs != DEFAULT_EPOCHS else ""
+    label = run_label(name, epochs, bool(teachers))
     result = train(US8K, {3}, cfg, config, cache_dir=cache, version=f"{label}-s{seed}",
                    progress=False, on_epoch=log_epoch,
                    teachers=[load_checkpoint(t) for t in teachers or []] or None)
@@ -98,13 +103,14 @@ def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
 
     cfg, config = configs(name, seed, epochs)
     start = time.time()
+    label = run_label(name, epochs)
     summary = grouped_cv(US8K, exclude_folds={3}, k=k, cfg=cfg, config=config,
                          cache_dir=cache, seed=0, on_fold=lambda r: print(
                              f"{r['fold']}: accuracy {r['accuracy']:.3f} macro-F1 "
                              f"{r['macro_f1']:.3f} ({r['seconds']:.0f} s)", flush=True))
     # the whole summary, as the model card's validation section reads it
-    (OUT / f"{name}-grouped{k}-s{seed}.json").write_text(json.dumps(summary, indent=1) + "\n")
-    record({"variant": name, "seed": seed, "protocol": f"grouped-{k}", "epochs": epochs,
+    (OUT / f"{label}-grouped{k}-s{seed}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    record({"variant": label, "seed": seed, "protocol": f"grouped-{k}", "epochs": epochs,
             **{key: summary[key] for key in ("accuracy_mean", "accuracy_std", "macro_f1_mean",
                                              "macro_f1_std")},
             "per_split_accuracy": [round(r["accuracy"], 3) for r in summary["per_fold"]],
