@@ -2,7 +2,7 @@
 
     URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py \
         [--teachers FILE FILE FILE] [--students FILE ...] [--plain FILE ...] \
-        [--validation FILE] [--models models]
+        [--validation FILE] [--trained-at COMMIT] [--models models]
 
 Every run trains on folds 1, 2, 4-9 of ../shared/us8k (validation: the same recording-grouped
 15% inside them) and is tested on fold 3. One torch thread makes each run repeatable bit for
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,23 @@ STUDENT_SEEDS = (0, 1)
 #: ``recipe_trials.py base --protocol grouped --k 3 --epochs 20``, 2 Dec 2026
 PREVIOUS_GROUPED = "accuracy 0.532 ± 0.099, macro-F1 0.535 ± 0.069"
 REGISTRY_NAME = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")  # registry.new_version_name
-REPRODUCE = """URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py
+REPRODUCE = """git checkout {commit}   # the code that trained these models
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py
 # = urbansound train --data ../shared/us8k --test-fold 3 --epochs 40 --patience 12 with
 #   --no-envelope --seed 1, --no-envelope --seed 0 and --seed 0 (the teachers), then the same
 #   with --seed {seed} and --teacher for each of them
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
+
+
+def code_commit() -> str:
+    """The commit the runs are trained with, for the card: the same command on other code
+    trains other weights (3 Dec: the seed began to set the initial weights)."""
+    def git(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
+
+    head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    return head + ("" if git("diff", "--quiet", "HEAD", "--", "src").returncode == 0
+                   else " (with uncommitted changes to src/)")
 
 
 def fit(args: argparse.Namespace, changes: dict[str, Any],
@@ -105,6 +118,8 @@ def main() -> None:
                         help="finished runs of the default recipe without teachers")
     parser.add_argument("--validation", type=Path, default=None,
                         help="grouped cross-validation summary (JSON) for the card")
+    parser.add_argument("--trained-at", default=None, help="commit that trained finished "
+                        "--teachers/--students (default: this checkout's)")
     args = parser.parse_args()
     renamed: dict[str, str] = {}
     if args.teachers:
@@ -129,7 +144,8 @@ def main() -> None:
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
-    write_card(served, students, candidates, plain, validation, args.models)
+    write_card(served, students, candidates, plain, validation, args.models,
+               args.trained_at or code_commit())
     for run in teachers + students + plain:
         m = run["metrics"]
         print(f"{run['version']} (seed {seed_of(run)}, {len(run['data']['teachers'])} teachers): "
@@ -140,7 +156,7 @@ def main() -> None:
 
 def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
-               models: Path) -> None:
+               models: Path, commit: str) -> None:
     def row(r: dict[str, Any]) -> dict[str, Any]:
         return {"seed": seed_of(r), "version": r["version"],
                 "accuracy": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"]}
@@ -159,7 +175,8 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                          f"{r['metrics']['macro_f1']:.3f}" for r in plain)
         notes.append(f"The same recipe without teachers, fold-3 accuracy/macro-F1: {runs}.")
     (models / "MODEL_CARD.md").write_text(
-        render(served, REPRODUCE.format(seed=seed_of(served)), notes, validation=validation,
+        render(served, REPRODUCE.format(seed=seed_of(served), commit=commit), notes,
+               validation=validation,
                seed_runs=sorted((row(s) for s in students), key=lambda r: r["seed"])))
 
 
