@@ -65,8 +65,9 @@ def code_commit() -> str:
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True)
 
     head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
-    return head + ("" if git("diff", "--quiet", "HEAD", "--", "src").returncode == 0
-                   else " (with uncommitted changes to src/)")
+    # the code that trains: the package and this script (a README edit changes nothing)
+    return head + ("" if git("diff", "--quiet", "HEAD", "--", "src", "scripts").returncode == 0
+                   else " (with uncommitted changes to src/ or scripts/)")
 
 
 def fit(args: argparse.Namespace, changes: dict[str, Any],
