@@ -118,16 +118,25 @@ def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
             "minutes": round((time.time() - start) / 60, 1)})
 
 
-def report() -> None:
+def recorded() -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Every recorded run by (variant, protocol, seed); a seed run again (a reproduction
+    check) counts once: the latest."""
     rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()]
-    by: dict[tuple[str, str], dict[int, dict]] = {}
-    for r in rows:  # a seed run again (a reproduction check) counts once: the latest
-        by.setdefault((r["variant"], r["protocol"]), {})[r["seed"]] = r
-    for (name, protocol), by_seed in sorted(by.items()):
-        runs = list(by_seed.values())
-        suffix = "" if protocol == "fold3" else "_mean"
-        accs = [r["accuracy" + suffix] for r in runs]
-        f1s = [r["macro_f1" + suffix] for r in runs]
+    return {(r["variant"], r["protocol"], r["seed"]): r for r in rows}
+
+
+def score(run: dict[str, Any], key: str) -> float:
+    """``accuracy`` or ``macro_f1`` of a run: fold 3's, or the grouped protocol's mean."""
+    return float(run[key if run["protocol"] == "fold3" else f"{key}_mean"])
+
+
+def report() -> None:
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (name, protocol, _), r in recorded().items():
+        by.setdefault((name, protocol), []).append(r)
+    for (name, protocol), runs in sorted(by.items()):
+        accs = [score(r, "accuracy") for r in runs]
+        f1s = [score(r, "macro_f1") for r in runs]
         spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
         if protocol != "fold3" and len(runs) == 1:  # one protocol run: its spread over folds
             spread = f" ± {runs[0]['accuracy_std']:.3f} over folds"
@@ -140,13 +149,11 @@ def compare(a: str, b: str) -> None:
     """Paired differences, ``b`` minus ``a``: the same seed (and, on the grouped protocol, the
     same folds) on both sides, so the seed's and the split's luck cancel; the judge for rules
     like those in docs/trial-decisions.md. Each protocol is summarised on its own."""
-    rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()]
-    latest = {(r["variant"], r["protocol"], r["seed"]): r for r in rows}
+    latest = recorded()
     protocols = sorted({p for v, p, seed in latest if v == b and (a, p, seed) in latest})
     if not protocols:
         raise SystemExit(f"no seed ran under both {a} and {b} on one protocol")
     for protocol in protocols:
-        suffix = "" if protocol == "fold3" else "_mean"
         diffs: dict[str, list[float]] = {"accuracy": [], "macro_f1": []}
         for seed in sorted(s for v, p, s in latest if v == b and p == protocol):
             if (a, protocol, seed) not in latest:
@@ -154,7 +161,7 @@ def compare(a: str, b: str) -> None:
             left, right = latest[(a, protocol, seed)], latest[(b, protocol, seed)]
             line = []
             for key, values in diffs.items():
-                x, y = left[key + suffix], right[key + suffix]
+                x, y = score(left, key), score(right, key)
                 values.append(y - x)
                 line.append(f"{key} {x:.3f} -> {y:.3f} ({y - x:+.3f})")
             splits = zip(left.get("per_split_accuracy", []),
