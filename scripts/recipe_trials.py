@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "eq-max": ({"eq_std": 1.0, "band_shift": 4}, {}),
     "regular": ({"dropout": 0.5, "weight_decay": 0.05, "mixup_prob": 0.8}, {}),
     "pcen": ({}, {"frontend": "logmel+pcen"}),
+    "pcen-last": ({"keep": "last"}, {"frontend": "logmel+pcen"}),
     "delta": ({}, {"frontend": "logmel+delta"}),
     "pcen-delta": ({}, {"frontend": "logmel+pcen+delta"}),
     "hop256": ({}, {"hop_length": 256}),
