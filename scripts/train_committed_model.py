@@ -161,8 +161,11 @@ def main() -> None:
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
+    previous = (registry.read_pointer(args.models) or {}).get("previous")
+    replaced = (load_checkpoint(registry.version_path(previous, args.models))
+                if previous else None)
     write_card(served, students, candidates, plain, validation, args.models,
-               args.trained_at or code_commit())
+               args.trained_at or code_commit(), replaced)
     for run in teachers + students + plain:
         m = run["metrics"]
         print(f"{run['version']} (seed {seed_of(run)}, {len(run['data']['teachers'])} teachers): "
@@ -174,7 +177,7 @@ def main() -> None:
 
 def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
-               models: Path, commit: str) -> None:
+               models: Path, commit: str, replaced: dict[str, Any] | None = None) -> None:
     def row(r: dict[str, Any]) -> dict[str, Any]:
         return {"seed": seed_of(r), "version": r["version"],
                 "accuracy": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"]}
@@ -186,6 +189,15 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
              + (f"; {len(students) - candidates} more student(s) ran afterwards only to "
                 "measure the spread" if len(students) > candidates else "")
              + ". With 387 test clips from few recordings, one clip is 0.26 points."]
+    if replaced and replaced["metrics"].get("test_folds") == served["metrics"].get("test_folds"):
+        # what the new line gave up or gained on the same clips, whichever way it went
+        m = replaced["metrics"]
+        notes.append(f"It replaces `{replaced['version']}`: test accuracy {m['accuracy']:.3f}, "
+                     f"macro-F1 {m['macro_f1']:.3f}, validation macro-F1 "
+                     f"{kept_val_f1(replaced):.3f} (this model: "
+                     f"{served['metrics']['accuracy']:.3f}, {served['metrics']['macro_f1']:.3f}, "
+                     f"{kept_val_f1(served):.3f}). The rule that decided it was written before "
+                     "the line ran: docs/trial-decisions.md.")
     if validation:
         notes.append(f"On the same validation protocol and folds, {PREVIOUS_GROUPED}.")
     if plain:
