@@ -9,7 +9,9 @@ Every run trains on folds 1, 2, 4-9 of ../shared/us8k (validation: the same reco
 bit; ``scripts/recipe_trials.py`` writes the same checkpoints under var/trials/ (teachers:
 ``pcen-last --seeds 1``, ``pcen-last --seeds 0``, ``pcen-envelope-last --seeds 0``; students:
 ``pcen-envelope-last --teachers T T T``; all ``--epochs 60``), and the options take finished
-ones instead of training them again: two cores train two at a time.
+ones instead of training them again: two cores train two at a time. Files from var/trials/
+get registry names when published; to render the card again, pass the published files
+(models/VERSION.pt), or each run is published a second time under a new name.
 
 1. Teachers (``TEACHERS``): the three PCEN runs with the best validation macro-F1 among the
    five trained while choosing the recipe — log-mel + PCEN seeds 1 and 0, and log-mel + PCEN
