@@ -55,7 +55,8 @@ TEACHERS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 STUDENT_SEEDS = (0, 1)
 #: Every run of the line: the whole 60-epoch schedule, its final averaged weights kept (on the
-#: grouped protocol, higher than 40 epochs on all three seeds; docs/trial-decisions.md, 3 Dec).
+#: grouped protocol, higher than 40 epochs on all three seeds; on fold 3 every run of the line
+#: scored lower than at 40 epochs: docs/trial-decisions.md, 3 Dec).
 SCHEDULE: dict[str, Any] = {"epochs": 60, "patience": 12, "keep": "last"}
 #: The card's comparison for ``--validation`` (``recipe_trials.py pcen-envelope-last --protocol
 #: grouped --epochs 60``, seed 0): the previous line's schedule on the same folds and seed,
@@ -185,9 +186,8 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                 "accuracy": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"]}
 
     notes = [f"Served: the best validation macro-F1 of the weights kept (inside the training "
-             f"folds) of "
-             f"{candidates} students and {len(plain)} runs without teachers, chosen before "
-             "looking at the test fold"
+             f"folds) of {candidates} students and {len(plain)} runs without teachers, chosen "
+             "before looking at the test fold"
              + (f"; {len(students) - candidates} more student(s) ran afterwards only to "
                 "measure the spread" if len(students) > candidates else "")
              + ". With 387 test clips from few recordings, one clip is 0.26 points."]
