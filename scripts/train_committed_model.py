@@ -165,8 +165,8 @@ def main() -> None:
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
     previous = (registry.read_pointer(args.models) or {}).get("previous")
-    replaced = (load_checkpoint(registry.version_path(previous, args.models))
-                if previous else None)
+    # its figures, not its weights: the registry's checked metadata
+    replaced = registry.version_metadata(previous, args.models) if previous else None
     write_card(served, students, candidates, plain, validation, args.models,
                args.trained_at or code_commit(), replaced)
     for run in teachers + students + plain:
