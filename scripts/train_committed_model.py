@@ -20,8 +20,12 @@ get registry names when published; to render the card again, pass the published 
    teachers' averaged soft predictions (0.7 of the loss, temperature 2). The committed
    model's choice was between seeds 0 and 1; seed 2 (``--spread``) was declared, before it
    ran, to measure the spread only.
-3. Served: of the students and ``--plain`` runs of the default recipe without teachers, the
+3. Chosen: of the students and ``--plain`` runs of the default recipe without teachers, the
    best validation macro-F1 of the weights each kept — never the test fold.
+4. Served only through the gate (``beats``): the chosen run replaces the served model only if
+   its validation macro-F1 is higher; otherwise the line is published for the record and the
+   served model and its card stay (docs/trial-decisions.md, 3 Dec 14:43: the 60-epoch line
+   served for an afternoon because the rule of its day never asked).
 
 Every run follows ``SCHEDULE`` (60 epochs, final weights): the line of 3 Dec 2026, declared in
 docs/trial-decisions.md before it ran.
@@ -100,6 +104,17 @@ def kept_val_f1(ckpt: dict[str, Any]) -> float:
     return scores[-1] if ckpt["data"]["train_config"].get("keep") == "last" else max(scores)
 
 
+def beats(candidate: dict[str, Any], served: dict[str, Any] | None) -> bool:
+    """The gate for a new line: higher validation macro-F1 than the served model, on the same
+    test folds (so the same validation split); a tie keeps the status quo. With nothing
+    comparable served (a first model, another split) there is nothing to beat."""
+    if served is None or served["version"] == candidate["version"]:
+        return True  # nothing served, or a rerun for the card only
+    if served["metrics"].get("test_folds") != candidate["metrics"].get("test_folds"):
+        return True
+    return kept_val_f1(candidate) > kept_val_f1(served)
+
+
 def seed_of(ckpt: dict[str, Any]) -> int:
     return int(ckpt["data"]["train_config"]["seed"])
 
@@ -159,7 +174,15 @@ def main() -> None:
         register_name(s, renamed)
         publish(s, args.models)  # the card's seed table names them all
     publish(served, args.models)
-    if registry.current(args.models)[0] != served["version"]:  # a rerun for the card only
+    current = registry.current(args.models)[0]
+    incumbent = registry.version_metadata(current, args.models) if current else None
+    if not beats(served, incumbent):
+        assert incumbent is not None
+        print(f"not served: {served['version']} scores validation macro-F1 "
+              f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
+              f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
+        return
+    if current != served["version"]:  # else a rerun for the card only
         registry.activate(served["version"], models_dir=args.models)
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
