@@ -10,6 +10,7 @@ cost ~100 MFLOP instead of ~1 GFLOP with little loss of accuracy.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from torch import nn
 from .distill import Teachers, distillation_loss
 from .errors import UserError
 from .evaluation import classification_metrics
+from .files import replace_atomically
 from .preprocessing import (
     CLASSES,
     FeatureConfig,
@@ -168,9 +170,14 @@ def _widths(model: AudioCNN) -> list[int]:
 
 
 def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
+    """Serialised in memory first, then replaced atomically (``files``): a training killed or
+    failing while it saves leaves the previous file at ``path`` whole, never a truncated one
+    that a later ``--out`` reader or teacher list would trip over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    replace_atomically(path, buffer.getvalue())
     return path
 
 

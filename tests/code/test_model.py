@@ -31,6 +31,18 @@ def test_checkpoint_round_trip_is_self_describing(quick_model, tmp_path):
         torch.testing.assert_close(loaded(x), quick_model.model(x))
 
 
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(quick_model, tmp_path):
+    """A run killed or failing while it writes ``--out`` must not leave a truncated file."""
+    path = save_checkpoint(quick_model.checkpoint, tmp_path / "m.pt")
+    before = path.read_bytes()
+    broken = dict(quick_model.checkpoint, extra=lambda: None)  # torch.save cannot pickle it
+    with pytest.raises(Exception, match=r"pickle|lambda"):
+        save_checkpoint(broken, path)
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["version"] == quick_model.checkpoint["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary left
+
+
 def test_loading_refuses_pickled_code(tmp_path):
     evil = tmp_path / "evil.pt"
 
