@@ -81,7 +81,7 @@ def log_epoch(r: dict[str, Any]) -> None:
 
 def run_fold3(name: str, seed: int, epochs: int, cache: Path,
               teachers: list[Path] | None = None) -> None:
-    from src.model import load_checkpoint, save_checkpoint
+    from src.model import kept_val_f1, load_checkpoint, save_checkpoint
     from src.train import train
 
     cfg, config = configs(name, seed, epochs)
@@ -96,6 +96,7 @@ def run_fold3(name: str, seed: int, epochs: int, cache: Path,
             "teachers": [t.stem for t in teachers or []],
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "best_val_f1": max(r["val_f1"] or 0 for r in h),
+            "kept_val_f1": kept_val_f1(result.checkpoint),  # the score of the weights saved
             "per_class_f1": {c: round(s["f1"], 3) for c, s in m["per_class"].items()},
             "minutes": round((time.time() - start) / 60, 1)})
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from src import registry
-from src.model import TrainConfig, load_checkpoint, save_checkpoint
+from src.model import TrainConfig, kept_val_f1, load_checkpoint, save_checkpoint
 from src.model_card import render
 from src.train import train
 
@@ -95,13 +95,6 @@ def fit(args: argparse.Namespace, changes: dict[str, Any],
     cfg = TrainConfig(**SCHEDULE, **changes)
     return train(args.data, {3}, cfg, cache_dir=args.cache, version=registry.new_version_name(),
                  teachers=teachers).checkpoint
-
-
-def kept_val_f1(ckpt: dict[str, Any]) -> float:
-    """Validation macro-F1 of the weights the run kept: the final epoch's with keep="last"
-    (the best epoch's weights were not kept, so their score would choose the wrong run)."""
-    scores = [r["val_f1"] or 0.0 for r in ckpt["history"]]
-    return scores[-1] if ckpt["data"]["train_config"].get("keep") == "last" else max(scores)
 
 
 def beats(candidate: dict[str, Any], served: dict[str, Any] | None) -> bool:

@@ -181,6 +181,14 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
     return path
 
 
+def kept_val_f1(ckpt: Checkpoint) -> float:
+    """Validation macro-F1 of the weights the run kept: the final epoch's with keep="last",
+    the best epoch's otherwise. Choosing a run by its best epoch when it kept its final
+    weights would choose by a score those weights never had."""
+    scores = [r["val_f1"] or 0.0 for r in ckpt["history"]]
+    return scores[-1] if ckpt["data"]["train_config"].get("keep") == "last" else max(scores)
+
+
 class CheckpointError(UserError, ValueError):
     """A file that is not one of our checkpoints, or a corrupt one."""
 

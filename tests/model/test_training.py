@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from src.datasets import read_class_folders
-from src.model import TrainConfig, fit, new_model
+from src.model import TrainConfig, fit, kept_val_f1, new_model
 from src.preprocessing import FeatureConfig, encode_labels
 from src.train import Split, retrain
 
@@ -49,6 +49,11 @@ def test_keep_last_runs_the_whole_schedule_and_keeps_its_final_weights(synthetic
     assert final["loss"] == pytest.approx(history[-1]["val_loss"], rel=1e-5)
     # and "best" would have kept another epoch's weights: the test tells the two apart
     assert history[-1]["val_f1"] < max(h["val_f1"] for h in history)
+    # a run is chosen by the score of the weights it kept, which is the final epoch's here
+    ckpt = {"history": history, "data": {"train_config": {"keep": "last"}}}
+    assert kept_val_f1(ckpt) == pytest.approx(final["macro_f1"], abs=1e-6)
+    ckpt["data"]["train_config"]["keep"] = "best"
+    assert kept_val_f1(ckpt) == max(h["val_f1"] for h in history) > final["macro_f1"]
 
 
 def test_retrain_fine_tunes_from_the_checkpoint(quick_model, synthetic_data, tmp_path):
