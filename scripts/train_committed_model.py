@@ -10,8 +10,8 @@ bit; ``scripts/recipe_trials.py`` writes the same checkpoints under var/trials/ 
 ``pcen-last --seeds 1``, ``pcen-last --seeds 0``, ``pcen-envelope-last --seeds 0``; students:
 ``pcen-envelope-last --teachers T T T``; all ``--epochs 60``), and the options take finished
 ones instead of training them again: two cores train two at a time. Files from var/trials/
-get registry names when published; to render the card again, pass the published files
-(models/VERSION.pt), or each run is published a second time under a new name.
+get registry names when published; passed again (to render the card again) they are
+recognised (``published_as``) and keep the names they were published under.
 
 1. Teachers (``TEACHERS``): the three PCEN runs with the best validation macro-F1 among the
    five trained while choosing the recipe — log-mel + PCEN seeds 1 and 0, and log-mel + PCEN
@@ -112,11 +112,33 @@ def seed_of(ckpt: dict[str, Any]) -> int:
     return int(ckpt["data"]["train_config"]["seed"])
 
 
-def register_name(ckpt: dict[str, Any], renamed: dict[str, str]) -> None:
-    """A run trained outside the registry gets a registry name, in every place that records
-    it (the test set's scores say who earned them; a student names its teachers)."""
+def identity(ckpt: dict[str, Any]) -> tuple[Any, ...]:
+    """What a run keeps through publishing, which renames it: when it finished, its seed and
+    its test scores."""
+    m = ckpt["metrics"]
+    return ckpt["created_at"], seed_of(ckpt), m["accuracy"], m["macro_f1"], m.get("loss")
+
+
+def published_as(ckpt: dict[str, Any], models: Path) -> str | None:
+    """The name a var/trials/ run was already published under, if it was: passing the same
+    files again (to render the card again) must not publish every run a second time."""
+    for path in sorted(models.glob(f"*{registry.SUFFIX}")):
+        try:
+            meta = registry.read_metadata(path)
+        except registry.RegistryError:
+            continue  # not ours to judge here; the registry's own checks report it
+        if identity(meta) == identity(ckpt):
+            return str(meta["version"])
+    return None
+
+
+def register_name(ckpt: dict[str, Any], renamed: dict[str, str], models: Path) -> None:
+    """A run trained outside the registry gets a registry name (the one it was published
+    under before, or a new one), in every place that records it (the test set's scores say
+    who earned them; a student names its teachers)."""
     if not REGISTRY_NAME.fullmatch(ckpt["version"]):
-        renamed[ckpt["version"]] = ckpt["version"] = registry.new_version_name()
+        renamed[ckpt["version"]] = ckpt["version"] = (
+            published_as(ckpt, models) or registry.new_version_name())
         scores = ckpt["data"].get("test_set", {}).get("scores")
         if scores:
             scores["version"] = ckpt["version"]
@@ -155,7 +177,7 @@ def main() -> None:
     else:
         teachers = [fit(args, changes) for _, changes in TEACHERS]
     for t in teachers:
-        register_name(t, renamed)
+        register_name(t, renamed, args.models)
         publish(t, args.models)  # the students' record of their teachers resolves
     students = ([load_checkpoint(p) for p in args.students] if args.students
                 else [fit(args, {"seed": s}, teachers) for s in STUDENT_SEEDS])
@@ -164,7 +186,7 @@ def main() -> None:
     candidates = len(students)
     students += [load_checkpoint(p) for p in args.spread]
     for s in students:
-        register_name(s, renamed)
+        register_name(s, renamed, args.models)
         publish(s, args.models)  # the card's seed table names them all
     publish(served, args.models)
     current = registry.current(args.models)[0]
