@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -231,10 +232,15 @@ class LivePredictor:
     why, until the pointer or the file is fixed (both are watched)."""
 
     def __init__(self, models_dir: Path, poll_s: float = 0.5, optimise: bool = True,
-                 watch: bool = False, precision: str = "auto"):
+                 watch: bool = False, precision: str = "auto",
+                 on_swap: Callable[[str], None] | None = None):
+        """``on_swap(version)`` runs after each swap, on whichever thread made it (often the
+        watcher, with no request in flight): what reports the served version must hear of
+        it there, not on the worker's next request, which may never come."""
         from . import registry
 
         self._registry = registry
+        self.on_swap = on_swap
         self.models_dir = Path(models_dir)
         self.poll_s = poll_s
         self.optimise = optimise
@@ -320,6 +326,13 @@ class LivePredictor:
             return PointerState("ok", f"serving {served}, the version the pointer names")
         return PointerState(state, f"{POINTER_PROBLEMS[state]}: {why}; still serving {served}")
 
+    def _announce(self, version: str) -> None:
+        if self.on_swap is not None:
+            try:
+                self.on_swap(version)
+            except Exception:  # a report failing must not look like a pointer problem
+                log.exception("could not report the swap to %s", version)
+
     def _load(self, signature: tuple[Any, ...]) -> None:
         try:
             try:
@@ -331,6 +344,7 @@ class LivePredictor:
                         self.current = predictor
                         self.loaded_at = time.time()
                         log.info("now serving model %s", predictor.version)
+                        self._announce(predictor.version)
                 state = self._judge(check, error)
             except Exception as exc:
                 log.exception("could not follow the model pointer; still serving %s",

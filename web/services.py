@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class LivePredictorHolder:
         self._lock = threading.Lock()
         self._last_try = 0.0
         self.error: str | None = None
+        self.on_swap: Callable[[str], None] | None = None  # set by the app (AppState)
 
     def get(self):
         """The ``Predictor`` serving right now, or None (``self.error`` says why)."""
@@ -58,12 +60,16 @@ class LivePredictorHolder:
 
         try:
             self._live = LivePredictor(self.models_dir, self.poll_s, watch=True,
-                                       precision=self.precision)
+                                       precision=self.precision, on_swap=self._swapped)
             self.error = None
             log.info("serving model %s from %s", self._live.current.version, self.models_dir)
         except Exception as exc:  # any failure to load means "not ready", never a crash
             self.error = one_line(exc)
             log.warning("no model to serve yet: %s", self.error)
+
+    def _swapped(self, version: str) -> None:
+        if self.on_swap is not None:
+            self.on_swap(version)
 
     @property
     def current_version(self) -> str | None:
@@ -106,6 +112,12 @@ class AppState:
     monitor: Monitor
     predictors: LivePredictorHolder
     started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        # the model-served gauge follows a swap when it happens: a worker that keep-alive
+        # connections never reach swaps on its watcher thread and would otherwise go on
+        # reporting the version it served at its last request
+        self.predictors.on_swap = self.monitor.set_served_version
 
     def predictor(self):
         predictor = self.predictors.get()

@@ -7,6 +7,7 @@ carry a traceback.
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import numpy as np
@@ -494,6 +495,27 @@ def test_prometheus_metrics(client, clip):
                  "urbansound_predict_latency_seconds_bucket", "urbansound_model_served",
                  "urbansound_prediction_confidence_bucket"):
         assert name in text
+
+
+def test_the_served_gauge_follows_a_swap_no_request_reaches(own_models, make_app, clip):
+    """A worker that keep-alive connections never reach swaps on its watcher thread; the
+    model-served gauge must say so then, not at a predict request that may never come (the
+    hot-swap test under load waited 90 s on such a worker)."""
+    from src import registry
+
+    client = make_app().test_client()
+    assert client.post("/api/v1/predict", data=clip, content_type="audio/wav").status_code == 200
+    served = 'urbansound_model_served{{version="{}"}} {}'
+    assert served.format("quick-1", 1.0) in client.get("/metrics").get_data(as_text=True)
+    registry.activate("quick-2", models_dir=own_models)
+    deadline = time.monotonic() + 10
+    while True:  # /metrics itself never asks for the predictor: only the watcher can swap
+        text = client.get("/metrics").get_data(as_text=True)
+        if served.format("quick-2", 1.0) in text:
+            break
+        assert time.monotonic() < deadline, "the gauge still names the old version"
+        time.sleep(0.1)
+    assert served.format("quick-1", 0.0) in text
 
 
 def test_openapi_document_and_docs_page(client):
