@@ -12,7 +12,7 @@ bit; ``scripts/recipe_trials.py`` writes the same checkpoints under var/trials/ 
 ``pcen-envelope --teachers T x6``), and the options take finished ones instead of training
 them again: two cores train two at a time. Files from var/trials/
 get registry names when published; passed again (to render the card again) they are
-recognised (``published_as``) and keep the names they were published under.
+recognised (``published_runs``) and keep the names they were published under.
 
 1. Teachers (``TEACHERS``): the three PCEN configurations with the best validation macro-F1
    among the five trained while choosing the recipe — log-mel + PCEN seeds 1 and 0, and
@@ -98,12 +98,12 @@ def fit(args: argparse.Namespace, changes: dict[str, Any],
                  teachers=teachers).checkpoint
 
 
-def beats(candidate: dict[str, Any], served: dict[str, Any] | None) -> bool:
+def beats(candidate: dict[str, Any], served: dict[str, Any]) -> bool:
     """The gate for a new line: higher validation macro-F1 than the served model, on the same
     test folds (so the same validation split); a tie keeps the status quo. With nothing
     comparable served (a first model, another split) there is nothing to beat."""
-    if served is None or served["version"] == candidate["version"]:
-        return True  # nothing served, or a rerun for the card only
+    if served["version"] == candidate["version"]:
+        return True  # the first model published here, or a rerun for the card only
     if served["metrics"].get("test_folds") != candidate["metrics"].get("test_folds"):
         return True
     return kept_val_f1(candidate) > kept_val_f1(served)
@@ -113,33 +113,28 @@ def seed_of(ckpt: dict[str, Any]) -> int:
     return int(ckpt["data"]["train_config"]["seed"])
 
 
-def identity(ckpt: dict[str, Any]) -> tuple[Any, ...]:
+def identity(created_at: Any, data: dict[str, Any], metrics: dict[str, Any]) -> tuple[Any, ...]:
     """What a run keeps through publishing, which renames it: when it finished, its seed and
     its test scores."""
-    m = ckpt["metrics"]
-    return ckpt["created_at"], seed_of(ckpt), m["accuracy"], m["macro_f1"], m.get("loss")
+    return (str(created_at), data.get("train_config", {}).get("seed"), metrics.get("accuracy"),
+            metrics.get("macro_f1"), metrics.get("loss"))
 
 
-def published_as(ckpt: dict[str, Any], models: Path) -> str | None:
-    """The name a var/trials/ run was already published under, if it was: passing the same
-    files again (to render the card again) must not publish every run a second time."""
-    for path in sorted(models.glob(f"*{registry.SUFFIX}")):
-        try:
-            meta = registry.read_metadata(path)
-        except registry.RegistryError:
-            continue  # not ours to judge here; the registry's own checks report it
-        if identity(meta) == identity(ckpt):
-            return str(meta["version"])
-    return None
+def published_runs(models: Path) -> dict[tuple[Any, ...], str]:
+    """Every published version by its ``identity``: a var/trials/ run passed again (to render
+    the card again) keeps the name it was published under instead of getting a second one."""
+    return {identity(v.created_at, v.data, v.metrics): v.version
+            for v in registry.list_versions(models) if v.error is None}
 
 
-def register_name(ckpt: dict[str, Any], renamed: dict[str, str], models: Path) -> None:
+def register_name(ckpt: dict[str, Any], renamed: dict[str, str],
+                  published: dict[tuple[Any, ...], str]) -> None:
     """A run trained outside the registry gets a registry name (the one it was published
     under before, or a new one), in every place that records it (the test set's scores say
     who earned them; a student names its teachers)."""
     if not REGISTRY_NAME.fullmatch(ckpt["version"]):
-        renamed[ckpt["version"]] = ckpt["version"] = (
-            published_as(ckpt, models) or registry.new_version_name())
+        before = published.get(identity(ckpt["created_at"], ckpt["data"], ckpt["metrics"]))
+        renamed[ckpt["version"]] = ckpt["version"] = before or registry.new_version_name()
         scores = ckpt["data"].get("test_set", {}).get("scores")
         if scores:
             scores["version"] = ckpt["version"]
@@ -173,12 +168,13 @@ def main() -> None:
                         "--teachers/--students (default: this checkout's)")
     args = parser.parse_args()
     renamed: dict[str, str] = {}
+    published = published_runs(args.models)
     if args.teachers:
         teachers = [load_checkpoint(p) for p in args.teachers]
     else:
         teachers = [fit(args, changes) for _, changes in TEACHERS]
     for t in teachers:
-        register_name(t, renamed, args.models)
+        register_name(t, renamed, published)
         publish(t, args.models)  # the students' record of their teachers resolves
     students = ([load_checkpoint(p) for p in args.students] if args.students
                 else [fit(args, {**FORTY, "seed": s}, teachers) for s in STUDENT_SEEDS])
@@ -187,13 +183,12 @@ def main() -> None:
     candidates = len(students)
     students += [load_checkpoint(p) for p in args.spread]
     for s in students:
-        register_name(s, renamed, args.models)
+        register_name(s, renamed, published)
         publish(s, args.models)  # the card's seed table names them all
     publish(served, args.models)
     current = registry.current(args.models)[0]
-    incumbent = registry.version_metadata(current, args.models) if current else None
+    incumbent = registry.version_metadata(current, args.models)
     if not beats(served, incumbent):
-        assert incumbent is not None
         print(f"not served: {served['version']} scores validation macro-F1 "
               f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
               f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
