@@ -233,14 +233,15 @@ class LivePredictor:
 
     def __init__(self, models_dir: Path, poll_s: float = 0.5, optimise: bool = True,
                  watch: bool = False, precision: str = "auto",
-                 on_swap: Callable[[str], None] | None = None):
-        """``on_swap(version)`` runs after each swap, on whichever thread made it (often the
-        watcher, with no request in flight): what reports the served version must hear of
-        it there, not on the worker's next request, which may never come."""
+                 on_change: Callable[[str, PointerState], None] | None = None):
+        """``on_change(version, pointer)`` runs after each swap and each change of the pointer
+        state, on whichever thread saw it (often the watcher, with no request in flight):
+        what reports the served version or a pointer problem must hear of it there, not on
+        the worker's next request, which may never come."""
         from . import registry
 
         self._registry = registry
-        self.on_swap = on_swap
+        self.on_change = on_change
         self.models_dir = Path(models_dir)
         self.poll_s = poll_s
         self.optimise = optimise
@@ -326,14 +327,16 @@ class LivePredictor:
             return PointerState("ok", f"serving {served}, the version the pointer names")
         return PointerState(state, f"{POINTER_PROBLEMS[state]}: {why}; still serving {served}")
 
-    def _announce(self, version: str) -> None:
-        if self.on_swap is not None:
+    def _announce(self) -> None:
+        if self.on_change is not None:
             try:
-                self.on_swap(version)
+                self.on_change(self.current.version, self.pointer)
             except Exception:  # a report failing must not look like a pointer problem
-                log.exception("could not report the swap to %s", version)
+                log.exception("could not report serving %s (%s)", self.current.version,
+                              self.pointer.state)
 
     def _load(self, signature: tuple[Any, ...]) -> None:
+        before = (self.current.version, self.pointer)
         try:
             try:
                 check = self._registry.check_pointer(self.models_dir)
@@ -344,7 +347,6 @@ class LivePredictor:
                         self.current = predictor
                         self.loaded_at = time.time()
                         log.info("now serving model %s", predictor.version)
-                        self._announce(predictor.version)
                 state = self._judge(check, error)
             except Exception as exc:
                 log.exception("could not follow the model pointer; still serving %s",
@@ -358,6 +360,8 @@ class LivePredictor:
                 log.info("model pointer trusted again: %s", state.message)
             self.pointer = state
             self._signature = signature
+            if (self.current.version, self.pointer) != before:
+                self._announce()
         finally:
             with self._lock:
                 self._loading = False

@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import current_app
 
 from src.errors import one_line
 from src.monitoring import Monitor
 from src.settings import Settings
+
+if TYPE_CHECKING:
+    from src.prediction import PointerState
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ class LivePredictorHolder:
         self._lock = threading.Lock()
         self._last_try = 0.0
         self.error: str | None = None
-        self.on_swap: Callable[[str], None] | None = None  # set by the app (AppState)
+        #: set by the app (AppState): ``LivePredictor``'s ``on_change``, forwarded
+        self.on_change: Callable[[str, PointerState], None] | None = None
 
     def get(self):
         """The ``Predictor`` serving right now, or None (``self.error`` says why)."""
@@ -60,16 +64,16 @@ class LivePredictorHolder:
 
         try:
             self._live = LivePredictor(self.models_dir, self.poll_s, watch=True,
-                                       precision=self.precision, on_swap=self._swapped)
+                                       precision=self.precision, on_change=self._changed)
             self.error = None
             log.info("serving model %s from %s", self._live.current.version, self.models_dir)
         except Exception as exc:  # any failure to load means "not ready", never a crash
             self.error = one_line(exc)
             log.warning("no model to serve yet: %s", self.error)
 
-    def _swapped(self, version: str) -> None:
-        if self.on_swap is not None:
-            self.on_swap(version)
+    def _changed(self, version: str, pointer: PointerState) -> None:
+        if self.on_change is not None:
+            self.on_change(version, pointer)
 
     @property
     def current_version(self) -> str | None:
@@ -114,17 +118,19 @@ class AppState:
     started_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        # the model-served gauge follows a swap when it happens: a worker that keep-alive
-        # connections never reach swaps on its watcher thread and would otherwise go on
-        # reporting the version it served at its last request
-        self.predictors.on_swap = self.monitor.set_served_version
+        # the model gauges follow a swap or a pointer problem when the watcher sees it: a
+        # worker that keep-alive connections never reach would otherwise go on reporting
+        # what it saw at its last request
+        self.predictors.on_change = self._report
+
+    def _report(self, version: str | None, pointer: PointerState | None) -> None:
+        self.monitor.set_served_version(version)
+        self.monitor.set_pointer_state(pointer.state if pointer is not None else None)
 
     def predictor(self):
-        predictor = self.predictors.get()
-        if predictor is not None:
-            self.monitor.set_served_version(predictor.version)
-        pointer = self.predictors.pointer
-        self.monitor.set_pointer_state(pointer.state if pointer is not None else None)
+        predictor = self.predictors.get()  # None only while no model has ever loaded
+        self._report(predictor.version if predictor is not None else None,
+                     self.predictors.pointer)
         return predictor
 
 

@@ -216,3 +216,35 @@ def test_readiness_and_metrics_say_why(own_models, make_app, monkeypatch, clip, 
     assert "urbansound_model_pointer_problem 0.0" in text
     pointer = client.get("/api/v1/metrics").get_json()["model"]["pointer"]
     assert pointer == {"ok": True, "workers_by_state": {"ok": 1}}
+
+
+def wait_metrics(client, line: str) -> str:
+    """/metrics once it shows ``line`` (it never asks for the predictor itself, so only the
+    watcher thread can have moved the gauges)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = client.get("/metrics").get_data(as_text=True)
+        if line in text:
+            return text
+        assert time.monotonic() < deadline, f"/metrics never showed {line!r}"
+        time.sleep(0.05)
+
+
+def test_the_problem_flag_rises_and_falls_with_no_request_reaching_the_worker(
+        own_models, make_app, monkeypatch):
+    """A worker that keep-alive connections never reach learns of a broken pointer on its
+    watcher thread; the alert must rise then, not at a request that may never come."""
+    monkeypatch.setenv("URBANSOUND_MODEL_POLL_S", "0.05")
+    client = make_app().test_client()
+    assert wait_ready(client, 200)["ready"] is True  # the last request that reaches the model
+    assert "urbansound_model_pointer_problem 0.0" in client.get("/metrics").get_data(as_text=True)
+
+    CORRUPTIONS["wrong hash"][0](own_models)
+    text = wait_metrics(client, "urbansound_model_pointer_problem 1.0")
+    assert 'urbansound_model_pointer_state{state="hash_mismatch"} 1.0' in text
+    assert 'urbansound_model_pointer_state{state="ok"} 0.0' in text
+
+    registry.activate("quick-2", models_dir=own_models)
+    text = wait_metrics(client, "urbansound_model_pointer_problem 0.0")
+    assert 'urbansound_model_pointer_state{state="ok"} 1.0' in text
+    assert 'urbansound_model_served{version="quick-2"} 1.0' in text
