@@ -212,28 +212,35 @@ def main() -> None:
     print(f"serving {served['version']}; card: {args.models / 'MODEL_CARD.md'}")
 
 
+def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) -> list[str]:
+    """What the new line gave up or gained against the model it replaces, on the same clips,
+    whichever way it went (nothing when there is no such model on the same test folds)."""
+    if not replaced or replaced["metrics"].get("test_folds") != served["metrics"].get("test_folds"):
+        return []
+    m = replaced["metrics"]
+    return [f"It replaces `{replaced['version']}`: test accuracy {m['accuracy']:.3f}, "
+            f"macro-F1 {m['macro_f1']:.3f}, validation macro-F1 {kept_val_f1(replaced):.3f} "
+            f"(this model: {served['metrics']['accuracy']:.3f}, "
+            f"{served['metrics']['macro_f1']:.3f}, {kept_val_f1(served):.3f}). The rule that "
+            "decided it was written before the line ran: docs/trial-decisions.md."]
+
+
+def seed_row(run: dict[str, Any]) -> dict[str, Any]:
+    """One row of the card's seed table."""
+    return {"seed": seed_of(run), "version": run["version"],
+            "accuracy": run["metrics"]["accuracy"], "macro_f1": run["metrics"]["macro_f1"]}
+
+
 def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
                models: Path, commit: str, replaced: dict[str, Any] | None = None) -> None:
-    def row(r: dict[str, Any]) -> dict[str, Any]:
-        return {"seed": seed_of(r), "version": r["version"],
-                "accuracy": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"]}
-
     notes = [f"Served: the best validation macro-F1 of the weights kept (inside the training "
              f"folds) of {candidates} students and {len(plain)} runs without teachers, chosen "
              "before looking at the test fold"
              + (f"; {len(students) - candidates} more student(s) ran afterwards only to "
                 "measure the spread" if len(students) > candidates else "")
              + ". With 387 test clips from few recordings, one clip is 0.26 points."]
-    if replaced and replaced["metrics"].get("test_folds") == served["metrics"].get("test_folds"):
-        # what the new line gave up or gained on the same clips, whichever way it went
-        m = replaced["metrics"]
-        notes.append(f"It replaces `{replaced['version']}`: test accuracy {m['accuracy']:.3f}, "
-                     f"macro-F1 {m['macro_f1']:.3f}, validation macro-F1 "
-                     f"{kept_val_f1(replaced):.3f} (this model: "
-                     f"{served['metrics']['accuracy']:.3f}, {served['metrics']['macro_f1']:.3f}, "
-                     f"{kept_val_f1(served):.3f}). The rule that decided it was written before "
-                     "the line ran: docs/trial-decisions.md.")
+    notes += replacement_note(served, replaced)
     if plain:
         runs = ", ".join(f"seed {seed_of(r)} {r['metrics']['accuracy']:.3f}/"
                          f"{r['metrics']['macro_f1']:.3f}" for r in plain)
@@ -241,7 +248,7 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
     (models / "MODEL_CARD.md").write_text(
         render(served, REPRODUCE.format(seed=seed_of(served), commit=commit), notes,
                validation=validation,
-               seed_runs=sorted((row(s) for s in students), key=lambda r: r["seed"])))
+               seed_runs=sorted((seed_row(s) for s in students), key=lambda r: r["seed"])))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def _distillation(data: dict[str, Any]) -> str:
             f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
 
 
+def soup_line(soup: dict[str, Any]) -> str:
+    """How a soup (``src.soup``) was made from its parent."""
+    scores = ", ".join(f"{s:.3f}" for s in soup["ingredient_val_f1"])
+    return (f"- A soup: the weights of {len(soup['seeds'])} fine-tunes of `{soup['parent']}` "
+            f"(seeds {', '.join(map(str, soup['seeds']))}; {soup['epochs']} epochs of its own "
+            f"recipe each, the LR peaking at {soup['lr']:g}, final averaged weights kept; "
+            f"validation macro-F1 {scores}), averaged uniformly.")
+
+
 def validation_section(summary: dict[str, Any]) -> list[str]:
     """The validation protocol's figures (``crossval.grouped_cv`` or ``crossval.official``
     output): mean ± std over its folds, each fold's row, and which clips it used."""
@@ -127,6 +136,7 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         *([f"- Distilled from the ensemble of {len(data['teachers'])} models trained on the "
            f"same split ({', '.join(f'`{t}`' for t in data['teachers'])}): "
            f"{_distillation(data)}."] if data.get("teachers") else []),
+        *([soup_line(data["soup"])] if data.get("soup") else []),
         "",
         "## Metrics on the test fold(s)",
         "",

@@ -18,6 +18,8 @@ def test_committed_card_matches_the_served_checkpoint(committed_model):
         assert f"| {name} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} |" in card
     for teacher in ckpt["data"].get("teachers", []):
         assert f"`{teacher}`" in card
+    if "soup" in ckpt["data"]:  # a soup names the model it was made from
+        assert f"fine-tunes of `{ckpt['data']['soup']['parent']}`" in card
 
 
 def test_card_names_teachers_and_the_largest_confusions(quick_model):
@@ -46,3 +48,13 @@ def test_card_says_which_front_end_and_head_the_model_has(quick_model):
     card = render(ckpt)
     assert "log-mel and PCEN (per-channel energy normalised) spectrograms" in card
     assert "the head also sees each band's mean and spread over time" in card
+
+
+def test_card_says_a_soup_is_one(quick_model):
+    ckpt = copy.deepcopy(quick_model.checkpoint)
+    assert "A soup" not in render(ckpt)
+    ckpt["data"]["soup"] = {"parent": "p-1", "seeds": [10, 11, 12], "epochs": 8, "lr": 0.001,
+                            "ingredient_val_f1": [0.64, 0.63, 0.67]}
+    card = render(ckpt)
+    assert "A soup: the weights of 3 fine-tunes of `p-1` (seeds 10, 11, 12; 8 epochs" in card
+    assert "peaking at 0.001" in card and "validation macro-F1 0.640, 0.630, 0.670" in card

@@ -114,3 +114,39 @@ def test_band_head_round_trips_and_older_checkpoints_load_with_the_mean_head(qui
     envelope = ENVELOPE_DIM if old["arch"].get("envelope") else 0  # the optional branch
     assert model.freq_pool == "mean"
     assert model.head.in_features == 2 * old["arch"]["widths"][-1] + envelope
+
+
+def test_average_weights_means_floats_and_keeps_counters():
+    from src.soup import average_weights
+
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    soup = average_weights([a, b])
+    assert torch.equal(soup["w"], torch.tensor([2.0, 4.0]))
+    assert int(soup["n"]) == 5 and soup["n"].dtype == a["n"].dtype
+    with pytest.raises(ValueError, match="architecture"):
+        average_weights([a, {"w": b["w"]}])
+    with pytest.raises(ValueError, match="at least one"):
+        average_weights([])
+
+
+def test_a_soup_is_the_average_of_its_parents_fine_tunes(quick_model, synthetic_data, tmp_path):
+    """Each ingredient is a seeded fine-tune of the parent (so it can be made again alone),
+    and the soup's weights are exactly their average: it answers from the parent's basin."""
+    from src.model import build_model, evaluate_model
+    from src.soup import make_soup
+
+    parent = quick_model.checkpoint
+    config = build_model(parent).config
+    train = Split.load(read_class_folders(synthetic_data / "train"), config, tmp_path, False)
+    test = Split.load(read_class_folders(synthetic_data / "test"), config, tmp_path, False)
+    soup, scores = make_soup(parent, train, test, [1, 2], epochs=2, lr=1e-3)
+    alone = [make_soup(parent, train, test, [seed], epochs=2, lr=1e-3) for seed in (1, 2)]
+    assert scores == pytest.approx([s for _, (s,) in alone])
+    one, two = (m.state_dict() for m, _ in alone)
+    assert not torch.allclose(one["head.weight"], two["head.weight"])  # the seeds differ
+    for key, value in soup.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (one[key] + two[key]) / 2, atol=1e-6), key
+    assert not soup.training
+    assert evaluate_model(soup, test.x, test.y, tuple(range(10)))["accuracy"] >= 0.5

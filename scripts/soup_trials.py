@@ -1,0 +1,157 @@
+"""Model soups of trained students (``src/soup.py``): make them, score them, publish one.
+
+    URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/soup_trials.py make PARENT.pt \
+        --teachers T1.pt T2.pt T3.pt [--seeds 10 11 12] [--epochs 8] [--lr 1e-3]
+    .venv/bin/python scripts/soup_trials.py publish SOUP.pt [--spread SOUP.pt ...] \
+        --parents-trained-at COMMIT
+
+``make`` fine-tunes the parent once per seed with its own recipe over a short schedule and
+averages the fine-tunes; the soup lands in var/trials/ and one JSON line with its validation
+macro-F1 (what the rules in docs/trial-decisions.md read) and fold-3 scores goes to
+var/trials/results.jsonl. Trained on folds 1, 2, 4-9 of ../shared/us8k, tested on fold 3, like
+``recipe_trials.py``.
+
+``publish`` gives the soups registry names, puts them in models/ and serves SOUP only through
+the gate (``train_committed_model.beats``: higher validation macro-F1 than the served model),
+with its card; ``--spread`` soups (the other parents') fill the card's seed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from recipe_trials import OUT, US8K, log_epoch, record
+from train_committed_model import (
+    beats,
+    code_commit,
+    publish,
+    published_runs,
+    register_name,
+    replacement_note,
+    seed_row,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+REPRODUCE = """git checkout {parents_commit}   # the code that trained the parents
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py   # at that commit
+git checkout {commit}   # the code that made the soups
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/soup_trials.py make PARENT.pt \\
+    --teachers {teachers} --seeds {seeds} --epochs {epochs} --lr {lr}
+#   for each parent: {parents}
+.venv/bin/python scripts/soup_trials.py publish SOUP.pt --spread ...
+.venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
+
+
+def make(args: argparse.Namespace) -> None:
+    from src.model import evaluate_model, load_checkpoint, make_checkpoint, save_checkpoint
+    from src.preprocessing import CLASSES, FeatureConfig
+    from src.soup import make_soup, soup_record
+    from src.testset import with_scores
+    from src.train import Split, set_threads, split_clips
+
+    set_threads()
+    start = time.time()
+    parent = load_checkpoint(args.parent)
+    config = FeatureConfig.from_dict(parent["feature_config"])
+    splits = split_clips(US8K, {3}, seed=parent["data"]["train_config"]["split_seed"])
+    tr, va, te = (Split.load(c, config, args.cache, False) for c in splits[:3])
+    model, scores = make_soup(parent, tr, va, args.seeds, args.epochs, args.lr,
+                              [load_checkpoint(t) for t in args.teachers], on_epoch=log_epoch)
+    val = evaluate_model(model, va.x, va.y, CLASSES)
+    test = evaluate_model(model, te.x, te.y, CLASSES)
+    test.update(split=parent["metrics"].get("split"), test_folds=[3])
+    label = f"soup-e{args.epochs}-{parent['version'].rsplit('-', 1)[-1]}"
+    soup = soup_record(parent, args.seeds, args.epochs, args.lr, scores)
+    spec = {k: v for k, v in parent["data"]["test_set"].items() if k != "scores"}
+    data = dict(parent["data"], soup=soup, test_set=with_scores(spec, label, test),
+                train_config=dict(parent["data"]["train_config"], keep="last"))
+    # one history row: the soup's own validation score, the one kept_val_f1 reads
+    history = [{"epoch": 1, "epochs": 1, "val_f1": val["macro_f1"], "soup": True}]
+    save_checkpoint(make_checkpoint(model, CLASSES, label, parent["version"], test, data,
+                                    history), OUT / f"{label}.pt")
+    record({"variant": "soup", "parent": parent["version"], "protocol": "fold3",
+            "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds,
+            "val_f1": round(val["macro_f1"], 4), "ingredient_val_f1": soup["ingredient_val_f1"],
+            "accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
+            "minutes": round((time.time() - start) / 60, 1)})
+
+
+def publish_soups(args: argparse.Namespace) -> None:
+    from src import registry
+    from src.model import kept_val_f1, load_checkpoint
+    from src.model_card import render
+
+    served = load_checkpoint(args.soup)
+    soups = [served, *(load_checkpoint(p) for p in args.spread)]
+    renamed: dict[str, str] = {}
+    published = published_runs(args.models)
+    for soup in soups:
+        register_name(soup, renamed, published)
+        publish(soup, args.models)
+    incumbent = registry.version_metadata(registry.current(args.models)[0], args.models)
+    if not beats(served, incumbent):
+        print(f"not served: {served['version']} scores validation macro-F1 "
+              f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
+              f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
+        return
+    if incumbent["version"] != served["version"]:  # else a rerun for the card only
+        registry.activate(served["version"], models_dir=args.models)
+        replaced: dict[str, Any] | None = incumbent
+    else:
+        previous = (registry.read_pointer(args.models) or {}).get("previous")
+        replaced = registry.version_metadata(previous, args.models) if previous else None
+    recipe = served["data"]["soup"]
+    parents = [registry.version_metadata(s["data"]["soup"]["parent"], args.models)
+               for s in soups]
+    notes = [f"Served: the soup of `{recipe['parent']}`, by the rule declared before the soups "
+             "ran (docs/trial-decisions.md, 3 Dec 16:59): the soup step joins the recipe if "
+             "the soups' mean validation macro-F1 beats their parents' (here "
+             f"{mean(map(kept_val_f1, soups)):.3f} against {mean(map(kept_val_f1, parents)):.3f}"
+             "), and a soup serves only through the gate. With 387 test clips from few "
+             "recordings, one clip is 0.26 points.",
+             *replacement_note(served, replaced)]
+    reproduce = REPRODUCE.format(
+        parents_commit=args.parents_trained_at, commit=args.trained_at or code_commit(),
+        teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]),
+        seeds=" ".join(map(str, recipe["seeds"])), epochs=recipe["epochs"], lr=recipe["lr"],
+        parents=", ".join(f"models/{s['data']['soup']['parent']}.pt" for s in soups))
+    (args.models / "MODEL_CARD.md").write_text(render(
+        served, reproduce, notes,
+        seed_runs=sorted((seed_row(s) for s in soups), key=lambda r: r["seed"])))
+    for soup in soups:
+        m = soup["metrics"]
+        print(f"{soup['version']} (soup of {soup['data']['soup']['parent']}): validation "
+              f"macro-F1 {kept_val_f1(soup):.3f}, fold-3 accuracy {m['accuracy']:.3f}, "
+              f"macro-F1 {m['macro_f1']:.3f}")
+    print(f"serving {served['version']}; card: {args.models / 'MODEL_CARD.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    m = commands.add_parser("make", help="fine-tune a parent per seed and average the weights")
+    m.add_argument("parent", type=Path)
+    m.add_argument("--teachers", type=Path, nargs="*", default=[])
+    m.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
+    m.add_argument("--epochs", type=int, default=8)
+    m.add_argument("--lr", type=float, default=1e-3)
+    m.add_argument("--cache", type=Path, default=ROOT / "var" / "cache")
+    p = commands.add_parser("publish", help="name, publish and (through the gate) serve a soup")
+    p.add_argument("soup", type=Path)
+    p.add_argument("--spread", type=Path, nargs="*", default=[],
+                   help="the other parents' soups: the card's seed table, never served")
+    p.add_argument("--parents-trained-at", required=True,
+                   help="commit that trained the parents (their card's Reproduce)")
+    p.add_argument("--trained-at", default=None, help="commit that made the soups "
+                   "(default: this checkout's)")
+    p.add_argument("--models", type=Path, default=ROOT / "models")
+    args = parser.parse_args()
+    make(args) if args.command == "make" else publish_soups(args)
+
+
+if __name__ == "__main__":
+    main()
