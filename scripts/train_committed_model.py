@@ -33,6 +33,10 @@ recognised (``published_runs``) and keep the names they were published under.
    served model and its card stay (docs/trial-decisions.md, 3 Dec 14:43: the 60-epoch line
    served for an afternoon because the rule of its day never asked).
 
+5. Then the soup (``scripts/soup_trials.py``; docs/trial-decisions.md, 3 Dec 16:59): each
+   student fine-tuned three times and the weights averaged (``make``), and the served
+   student's soup published through the same gate (``publish``), with its own card.
+
 The card reports every student seed and plain run (the spread a single figure hides) and, with
 ``--validation``, the grouped cross-validation summary (``recipe_trials.py --protocol
 grouped``) that chose the front end.
