@@ -46,6 +46,21 @@ URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/soup_trials.py make PARENT.p
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 
 
+def teachers_of(parent: dict[str, Any], given: list[Path]) -> list[dict[str, Any]]:
+    """The fine-tunes distil from the teachers the parent learnt from: the files given, else
+    the parent's own teachers from models/. Without them a distilled parent would be
+    fine-tuned on the labels alone, quietly another recipe, so a missing one is an error."""
+    from src import registry
+    from src.model import load_checkpoint
+
+    paths = given or [registry.version_path(t, ROOT / "models")
+                      for t in parent["data"].get("teachers", [])]
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"error: teacher(s) not found: {', '.join(missing)} (pass --teachers)")
+    return [load_checkpoint(p) for p in paths]
+
+
 def make(args: argparse.Namespace) -> None:
     from src.model import evaluate_model, load_checkpoint, make_checkpoint, save_checkpoint
     from src.preprocessing import CLASSES, FeatureConfig
@@ -60,7 +75,7 @@ def make(args: argparse.Namespace) -> None:
     splits = split_clips(US8K, {3}, seed=parent["data"]["train_config"]["split_seed"])
     tr, va, te = (Split.load(c, config, args.cache, False) for c in splits[:3])
     model, scores = make_soup(parent, tr, va, args.seeds, args.epochs, args.lr,
-                              [load_checkpoint(t) for t in args.teachers], on_epoch=log_epoch)
+                              teachers_of(parent, args.teachers), on_epoch=log_epoch)
     val = evaluate_model(model, va.x, va.y, CLASSES)
     test = evaluate_model(model, te.x, te.y, CLASSES)
     test.update(split=parent["metrics"].get("split"), test_folds=[3])
@@ -135,7 +150,8 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     m = commands.add_parser("make", help="fine-tune a parent per seed and average the weights")
     m.add_argument("parent", type=Path)
-    m.add_argument("--teachers", type=Path, nargs="*", default=[])
+    m.add_argument("--teachers", type=Path, nargs="*", default=[],
+                   help="default: the parent's own teachers, from models/")
     m.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     m.add_argument("--epochs", type=int, default=8)
     m.add_argument("--lr", type=float, default=1e-3)
