@@ -140,8 +140,8 @@ def test_a_soup_is_the_average_of_its_parents_fine_tunes(quick_model, synthetic_
     config = build_model(parent).config
     train = Split.load(read_class_folders(synthetic_data / "train"), config, tmp_path, False)
     test = Split.load(read_class_folders(synthetic_data / "test"), config, tmp_path, False)
-    soup, scores = make_soup(parent, train, test, [1, 2], epochs=2, lr=1e-3)
-    alone = [make_soup(parent, train, test, [seed], epochs=2, lr=1e-3) for seed in (1, 2)]
+    soup, scores = make_soup(parent, train, test, [1, 2], epochs=1, lr=1e-3)
+    alone = [make_soup(parent, train, test, [seed], epochs=1, lr=1e-3) for seed in (1, 2)]
     assert scores == pytest.approx([s for _, (s,) in alone])
     one, two = (m.state_dict() for m, _ in alone)
     assert not torch.allclose(one["head.weight"], two["head.weight"])  # the seeds differ
