@@ -79,7 +79,9 @@ def make(args: argparse.Namespace) -> None:
     val = evaluate_model(model, va.x, va.y, CLASSES)
     test = evaluate_model(model, te.x, te.y, CLASSES)
     test.update(split=parent["metrics"].get("split"), test_folds=[3])
-    label = f"soup-e{args.epochs}-{parent['version'].rsplit('-', 1)[-1]}"
+    # every argument that changes the soup is in its name: another run never overwrites it
+    label = (f"soup-e{args.epochs}-lr{args.lr:g}-s{'-'.join(map(str, args.seeds))}-"
+             f"{parent['version'].rsplit('-', 1)[-1]}")
     soup = soup_record(parent, args.seeds, args.epochs, args.lr, scores)
     spec = {k: v for k, v in parent["data"]["test_set"].items() if k != "scores"}
     data = dict(parent["data"], soup=soup, test_set=with_scores(spec, label, test),
