@@ -26,13 +26,13 @@ from typing import Any
 
 from recipe_trials import OUT, US8K, log_epoch, record
 from train_committed_model import (
-    beats,
     code_commit,
     publish,
     published_runs,
     register_name,
     replacement_note,
     seed_row,
+    serve_through_gate,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,18 +109,9 @@ def publish_soups(args: argparse.Namespace) -> None:
     for soup in soups:
         register_name(soup, renamed, published)
         publish(soup, args.models)
-    incumbent = registry.version_metadata(registry.current(args.models)[0], args.models)
-    if not beats(served, incumbent):
-        print(f"not served: {served['version']} scores validation macro-F1 "
-              f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
-              f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
+    serving, replaced = serve_through_gate(served, args.models)
+    if not serving:
         return
-    if incumbent["version"] != served["version"]:  # else a rerun for the card only
-        registry.activate(served["version"], models_dir=args.models)
-        replaced: dict[str, Any] | None = incumbent
-    else:
-        previous = (registry.read_pointer(args.models) or {}).get("previous")
-        replaced = registry.version_metadata(previous, args.models) if previous else None
     recipe = served["data"]["soup"]
     parents = [registry.version_metadata(s["data"]["soup"]["parent"], args.models)
                for s in soups]

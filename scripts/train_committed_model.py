@@ -190,21 +190,12 @@ def main() -> None:
         register_name(s, renamed, published)
         publish(s, args.models)  # the card's seed table names them all
     publish(served, args.models)
-    current = registry.current(args.models)[0]
-    incumbent = registry.version_metadata(current, args.models)
-    if not beats(served, incumbent):
-        print(f"not served: {served['version']} scores validation macro-F1 "
-              f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
-              f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
+    serving, replaced = serve_through_gate(served, args.models)
+    if not serving:
         return
-    if current != served["version"]:  # else a rerun for the card only
-        registry.activate(served["version"], models_dir=args.models)
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
-    previous = (registry.read_pointer(args.models) or {}).get("previous")
-    # its figures, not its weights: the registry's checked metadata
-    replaced = registry.version_metadata(previous, args.models) if previous else None
     write_card(served, students, candidates, plain, validation, args.models,
                args.trained_at or code_commit(), replaced)
     for run in teachers + students + plain:
@@ -214,6 +205,24 @@ def main() -> None:
               f"fold-3 accuracy {m['accuracy']:.3f}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"serving {served['version']}; card: {args.models / 'MODEL_CARD.md'}")
+
+
+def serve_through_gate(served: dict[str, Any], models: Path
+                       ) -> tuple[bool, dict[str, Any] | None]:
+    """Activate ``served`` if it ``beats`` the served model (a rerun for the card only finds
+    it served already). Returns whether it serves and the metadata of the model it replaced
+    (the registry's checked figures, not its weights), or says why it does not serve."""
+    current = registry.current(models)[0]
+    incumbent = registry.version_metadata(current, models)
+    if not beats(served, incumbent):
+        print(f"not served: {served['version']} scores validation macro-F1 "
+              f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
+              f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
+        return False, None
+    if current != served["version"]:
+        registry.activate(served["version"], models_dir=models)
+    previous = (registry.read_pointer(models) or {}).get("previous")
+    return True, registry.version_metadata(previous, models) if previous else None
 
 
 def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) -> list[str]:

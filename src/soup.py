@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .distill import Teachers
 from .model import AudioCNN, Checkpoint, EpochCallback, TrainConfig, build_model, fit
@@ -52,11 +53,12 @@ def make_soup(parent: Checkpoint, train: Split, validation: Split, seeds: list[i
     if not seeds:
         raise ValueError("A soup needs at least one seed.")
     ingredients, scores = [], []
+    teacher_models: list[nn.Module] = [build_model(t) for t in teachers or []]  # frozen, shared
     for seed in seeds:
         cfg = fine_tune_config(parent, seed, epochs, lr)
         model = build_model(parent)
-        teacher = (Teachers([build_model(t) for t in teachers], model, cfg.distill_temperature)
-                   if teachers else None)
+        teacher = (Teachers(teacher_models, model, cfg.distill_temperature)
+                   if teacher_models else None)
         history = fit(model, train.x, train.y, validation.x, validation.y, cfg,
                       on_epoch=on_epoch, progress=False, teachers=teacher)
         ingredients.append({k: v.detach().clone() for k, v in model.state_dict().items()})
