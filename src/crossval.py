@@ -101,7 +101,8 @@ def run_fold(data: Split, fold: Fold, cfg: TrainConfig, config: FeatureConfig,
     """Train the recipe on ``fold.train`` (validation held out inside it, by recording) and
     score it on ``fold.test``: one row of the per-fold table."""
     start = time.perf_counter()
-    keep, hold = hold_out_validation([data.clips[i] for i in fold.train], 0.15, cfg.split_seed)
+    keep, hold = hold_out_validation([data.clips[i] for i in fold.train], cfg.validation,
+                                     cfg.split_seed)
     # index the full set once per side: no intermediate copy of the training side (the full
     # data set's waveforms are 3 GB in memory, each side a copy of its share)
     _, metrics, history = fit_and_test(data.subset(fold.train[keep]),

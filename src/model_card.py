@@ -96,6 +96,16 @@ def seeds_section(runs: list[dict[str, Any]], folds: Any) -> list[str]:
     ]
 
 
+def validation_line(val: dict[str, Any]) -> str:
+    """A refit holds nothing out; its card must not read as if early stopping had chosen it."""
+    if val.get("n") == 0:
+        return ("- Validation: none held out. A refit on every training-side clip, the whole "
+                "schedule's final weights kept; the recipe was chosen on held-out recordings "
+                "before (docs/trial-decisions.md).")
+    return ("- Validation (early stopping, inside the training folds, grouped by recording): "
+            f"{val.get('n', '?')} clips.")
+
+
 def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = None,
            validation: dict[str, Any] | None = None,
            seed_runs: list[dict[str, Any]] | None = None) -> str:
@@ -125,8 +135,7 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         f"- Source: `{data.get('source_dir', '?')}`; split: {data.get('split', m.get('split'))}.",
         f"- Training: {train.get('n', '?')} clips from {train.get('recordings', '?')} recordings, "
         f"folds {train.get('folds', '?')}.",
-        f"- Validation (early stopping, inside the training folds, grouped by recording): "
-        f"{val.get('n', '?')} clips.",
+        validation_line(val),
         f"- Test: {test.get('n', m.get('n'))} clips, folds {test.get('folds', '?')} — never seen "
         "in training or validation; no recording (fsID) appears on two sides.",
         f"- Training clips per class: {train.get('per_class', {})}.",

@@ -55,7 +55,10 @@ class Split:
 
 def hold_out_validation(clips: list[Clip], fraction: float = 0.15, seed: int = 0
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, validation) inside a training side, whole recordings on one side."""
+    """Indices (train, validation) inside a training side, whole recordings on one side;
+    ``fraction`` 0 keeps every clip for training (a refit) and validates on none."""
+    if fraction == 0:
+        return np.arange(len(clips)), np.array([], dtype=np.int64)
     labels = encode_labels([c.label for c in clips])
     return group_split(labels, np.array([c.group for c in clips]), fraction, seed)
 
@@ -106,7 +109,7 @@ def train(
     config = config or FeatureConfig()
     set_threads()
     train_clips, val_clips, test_clips, how = split_clips(data_dir, test_folds,
-                                                          seed=cfg.split_seed)
+                                                          cfg.validation, cfg.split_seed)
     tr = Split.load(train_clips, config, cache_dir, progress)
     va = Split.load(val_clips, config, cache_dir, progress)
     te = Split.load(test_clips, config, cache_dir, progress)

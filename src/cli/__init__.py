@@ -20,7 +20,7 @@ import typer
 
 from ..settings import get_settings
 from . import analyze, crossval, data, ops, stack, web, worker
-from .common import KEEP_HELP, checked_keep, friendly_errors, print_json
+from .common import KEEP_HELP, VALIDATION_HELP, friendly_errors, print_json, with_choices
 
 app = typer.Typer(
     help="urbansound: classify urban sounds, serve the model, keep it fresh.",
@@ -47,6 +47,7 @@ def train(
     patience: int = typer.Option(12, help="Epochs without validation macro-F1 gain "
                                  "(counted once the learning rate has peaked)."),
     keep: str = typer.Option(None, help=KEEP_HELP),
+    validation: float = typer.Option(None, help=VALIDATION_HELP),
     activate: bool = typer.Option(True, help="Serve the new version once trained."),
     out: Path = typer.Option(None, help="Also write the checkpoint to this path."),
     teacher: list[str] = typer.Option(None, "--teacher", help="Distil the ensemble of these "
@@ -75,8 +76,7 @@ def train(
                       distill_weight=distill_weight)
     if envelope is not None:  # unset: the recipe's default, kept in one place (TrainConfig)
         cfg.envelope = envelope
-    if keep is not None:  # unset: TrainConfig's default
-        cfg.keep = checked_keep(keep)
+    cfg = with_choices(cfg, keep, validation)
     config = FeatureConfig(frontend=frontend) if frontend else FeatureConfig()
     teachers = [load_checkpoint(resolve_model(t)) for t in teacher or []]
     result = run_training(data, set(test_fold or []) or None, cfg, config,

@@ -13,7 +13,7 @@ import typer
 from ..errors import UserError, one_line
 
 if TYPE_CHECKING:
-    from ..model import Keep
+    from ..model import Keep, TrainConfig
 
 __all__ = ["UserError", "fail", "friendly_errors", "print_json"]
 
@@ -71,6 +71,26 @@ def checked_keep(keep: str) -> Keep:
     if keep not in get_args(Keep):
         raise typer.BadParameter(f"--keep must be one of {', '.join(get_args(Keep))}")
     return cast("Keep", keep)
+
+
+VALIDATION_HELP = ("Share of the training side's recordings held out for early stopping; 0 "
+                   "trains on all of them (a refit, which needs --keep last). Default: 0.15.")
+
+
+def with_choices(cfg: TrainConfig, keep: str | None, validation: float | None) -> TrainConfig:
+    """``cfg`` with ``--keep`` and ``--validation`` where given, checked together (no held-out
+    clips leave no best epoch to keep), so a bad pair is a usage error before any training."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if keep is not None:  # unset: TrainConfig's default
+        changes["keep"] = checked_keep(keep)
+    if validation is not None:
+        changes["validation"] = validation
+    try:
+        return replace(cfg, **changes)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from ..settings import get_settings
-from .common import KEEP_HELP, checked_keep, friendly_errors, print_json
+from .common import KEEP_HELP, VALIDATION_HELP, friendly_errors, print_json, with_choices
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,7 @@ def crossval(
                                "end sooner)."),
     patience: int = typer.Option(12, min=1, help="Epochs without validation macro-F1 gain."),
     keep: str = typer.Option(None, help=KEEP_HELP),
+    validation: float = typer.Option(None, help=VALIDATION_HELP),
     seed: int = typer.Option(0),
     json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     fresh: bool = typer.Option(False, "--fresh", help="Recompute folds finished before."),
@@ -44,8 +45,7 @@ def crossval(
 
     settings = get_settings()
     cfg = TrainConfig(epochs=epochs, patience=patience, seed=seed)
-    if keep is not None:  # unset: TrainConfig's default
-        cfg.keep = checked_keep(keep)
+    cfg = with_choices(cfg, keep, validation)
     say = (lambda _row: None) if json or quiet else _fold_line
     summary = official(data, folds or None, cfg, cache_dir=settings.cache_dir,
                        state_dir=settings.state_dir, progress=not quiet, fresh=fresh,

@@ -15,6 +15,7 @@ import pytest
 
 from src import registry
 from src.model import save_checkpoint
+from src.model_card import render
 
 BIN = Path(sys.executable).parent / "urbansound"
 
@@ -126,11 +127,20 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     # the recipe's choices are flags; a teacher must share the student's features
     assert teacher["data"]["train_config"]["keep"] == "best"
     proc = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
-               "--frontend", "logmel", "--no-envelope", "--keep", "last", env=env)
+               "--frontend", "logmel", "--no-envelope", "--keep", "last", "--validation", "0",
+               env=env)
     assert proc.returncode == 0, proc.stderr
     plain = load_checkpoint(registry.current(tmp_path / "models")[1])
     assert plain["feature_config"]["frontend"] == "logmel" and not plain["arch"]["envelope"]
     assert plain["data"]["train_config"]["keep"] == "last"
+    # a refit trains on the clips the others held out for validation, and validates on none
+    assert plain["data"]["validation"]["n"] == 0 and plain["history"][-1]["val_f1"] is None
+    assert plain["data"]["train"]["n"] == (teacher["data"]["train"]["n"]
+                                           + teacher["data"]["validation"]["n"])
+    assert "none held out" in render(plain)
+    no_epoch_to_pick = run("train", "--data", str(synthetic_data), "--validation", "0", env=env)
+    assert_one_line_error(no_epoch_to_pick)
+    assert "keep='last'" in no_epoch_to_pick.stderr
     mismatch = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
                    "--frontend", "logmel", "--teacher", version, env=env)
     assert_one_line_error(mismatch)

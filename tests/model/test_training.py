@@ -56,6 +56,17 @@ def test_keep_last_runs_the_whole_schedule_and_keeps_its_final_weights(synthetic
     assert kept_val_f1(ckpt) == max(h["val_f1"] for h in history) > final["macro_f1"]
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"validation": 0.0}, "no best epoch"),  # keep="best" with nothing to pick it on
+    ({"validation": 1.0, "keep": "last"}, "validation must be in"),
+    ({"validation": -0.1, "keep": "last"}, "validation must be in"),
+])
+def test_a_recipe_that_cannot_run_is_refused_before_training(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+    assert TrainConfig(validation=0.0, keep="last").validation == 0.0  # a refit is fine
+
+
 def test_retrain_fine_tunes_from_the_checkpoint(quick_model, synthetic_data, tmp_path):
     train = read_class_folders(synthetic_data / "train")
     test = read_class_folders(synthetic_data / "test")
