@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pcen-envelope": ({"envelope": True}, {"frontend": "logmel+pcen"}),
     "pcen-envelope-last": ({"envelope": True, "keep": "last"}, {"frontend": "logmel+pcen"}),
     "mels128": ({}, {"n_mels": 128, "n_fft": 2048}),
+    # a refit: the recipe trained on the whole training side, the held-out 15% included
+    "pcen-envelope-all": ({"envelope": True, "keep": "last", "validation": 0.0},
+                          {"frontend": "logmel+pcen"}),
 }
 
 

@@ -72,11 +72,13 @@ def make(args: argparse.Namespace) -> None:
     start = time.time()
     parent = load_checkpoint(args.parent)
     config = FeatureConfig.from_dict(parent["feature_config"])
-    splits = split_clips(US8K, {3}, seed=parent["data"]["train_config"]["split_seed"])
+    recipe = parent["data"]["train_config"]
+    # the parent's own split: a refit parent (validation 0) is souped on every training clip
+    splits = split_clips(US8K, {3}, recipe.get("validation", 0.15), recipe["split_seed"])
     tr, va, te = (Split.load(c, config, args.cache, False) for c in splits[:3])
     model, scores = make_soup(parent, tr, va, args.seeds, args.epochs, args.lr,
                               teachers_of(parent, args.teachers), on_epoch=log_epoch)
-    val = evaluate_model(model, va.x, va.y, CLASSES)
+    val_f1 = evaluate_model(model, va.x, va.y, CLASSES)["macro_f1"] if len(va.x) else None
     test = evaluate_model(model, te.x, te.y, CLASSES)
     test.update(split=parent["metrics"].get("split"), test_folds=[3])
     # every argument that changes the soup is in its name: another run never overwrites it
@@ -87,12 +89,12 @@ def make(args: argparse.Namespace) -> None:
     data = dict(parent["data"], soup=soup, test_set=with_scores(spec, label, test),
                 train_config=dict(parent["data"]["train_config"], keep="last"))
     # one history row: the soup's own validation score, the one kept_val_f1 reads
-    history = [{"epoch": 1, "epochs": 1, "val_f1": val["macro_f1"], "soup": True}]
+    history = [{"epoch": 1, "epochs": 1, "val_f1": val_f1, "soup": True}]
     save_checkpoint(make_checkpoint(model, CLASSES, label, parent["version"], test, data,
                                     history), OUT / f"{label}.pt")
     record({"variant": "soup", "parent": parent["version"], "protocol": "fold3",
             "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds,
-            "val_f1": round(val["macro_f1"], 4), "ingredient_val_f1": soup["ingredient_val_f1"],
+            "val_f1": val_f1 and round(val_f1, 4), "ingredient_val_f1": soup["ingredient_val_f1"],
             "accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
             "minutes": round((time.time() - start) / 60, 1)})
 
