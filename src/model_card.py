@@ -43,11 +43,13 @@ def _distillation(data: dict[str, Any]) -> str:
 
 def soup_line(soup: dict[str, Any]) -> str:
     """How a soup (``src.soup``) was made from its parent."""
-    scores = ", ".join(f"{s:.3f}" for s in soup["ingredient_val_f1"])
+    scored = [s for s in soup["ingredient_val_f1"] if s is not None]
+    scores = (f"validation macro-F1 {', '.join(f'{s:.3f}' for s in scored)}" if scored else
+              "no validation: a refit, like its parent")
     return (f"- A soup: the weights of {len(soup['seeds'])} fine-tunes of `{soup['parent']}` "
             f"(seeds {', '.join(map(str, soup['seeds']))}; {soup['epochs']} epochs of its own "
             f"recipe each, the LR peaking at {soup['lr']:g}, final averaged weights kept; "
-            f"validation macro-F1 {scores}), averaged uniformly.")
+            f"{scores}), averaged uniformly.")
 
 
 def validation_section(summary: dict[str, Any]) -> list[str]:

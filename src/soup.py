@@ -47,7 +47,7 @@ def fine_tune_config(parent: Checkpoint, seed: int, epochs: int, lr: float) -> T
 
 def make_soup(parent: Checkpoint, train: Split, validation: Split, seeds: list[int],
               epochs: int, lr: float, teachers: list[Checkpoint] | None = None,
-              on_epoch: EpochCallback | None = None) -> tuple[AudioCNN, list[float]]:
+              on_epoch: EpochCallback | None = None) -> tuple[AudioCNN, list[float | None]]:
     """The parent fine-tuned once per seed (batch order and augmentation), then averaged.
     Returns the soup (in eval mode) and each ingredient's validation macro-F1."""
     if not seeds:
@@ -62,13 +62,13 @@ def make_soup(parent: Checkpoint, train: Split, validation: Split, seeds: list[i
         history = fit(model, train.x, train.y, validation.x, validation.y, cfg,
                       on_epoch=on_epoch, progress=False, teachers=teacher)
         ingredients.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        scores.append(float(history[-1]["val_f1"] or 0.0))
+        scores.append(history[-1]["val_f1"])  # None: a refit parent holds nothing out
     model.load_state_dict(average_weights(ingredients))
     return model.eval(), scores
 
 
 def soup_record(parent: Checkpoint, seeds: list[int], epochs: int, lr: float,
-                scores: list[float]) -> dict[str, Any]:
+                scores: list[float | None]) -> dict[str, Any]:
     """What the soup's checkpoint keeps of how it was made (``data["soup"]``; the card says it)."""
     return {"parent": parent["version"], "seeds": list(seeds), "epochs": epochs, "lr": lr,
-            "ingredient_val_f1": [round(s, 4) for s in scores]}
+            "ingredient_val_f1": [None if s is None else round(s, 4) for s in scores]}

@@ -58,3 +58,7 @@ def test_card_says_a_soup_is_one(quick_model):
     card = render(ckpt)
     assert "A soup: the weights of 3 fine-tunes of `p-1` (seeds 10, 11, 12; 8 epochs" in card
     assert "peaking at 0.001" in card and "validation macro-F1 0.640, 0.630, 0.670" in card
+    # a soup of a refit has no held-out clips: the card says so rather than print zeros
+    ckpt["data"]["soup"]["ingredient_val_f1"] = [None, None, None]
+    card = render(ckpt)
+    assert "no validation: a refit" in card and "validation macro-F1 0.000" not in card
