@@ -161,3 +161,6 @@ def test_a_soup_is_the_average_of_its_parents_fine_tunes(quick_model, synthetic_
             assert torch.allclose(value, (one[key] + two[key]) / 2, atol=1e-6), key
     assert not soup.training
     assert evaluate_model(soup, test.x, test.y, tuple(range(10)))["accuracy"] >= 0.5
+    # a refit parent holds nothing out: its soup's ingredients have no score, not a zero
+    nothing = Split([], test.x[:0], test.y[:0])
+    assert make_soup(parent, train, nothing, [1], epochs=1, lr=1e-3)[1] == [None]
