@@ -3,7 +3,7 @@
     URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/soup_trials.py make PARENT.pt \
         --teachers T1.pt T2.pt T3.pt [--seeds 10 11 12] [--epochs 8] [--lr 1e-3]
     .venv/bin/python scripts/soup_trials.py publish SOUP.pt [--spread SOUP.pt ...] \
-        --parents-trained-at COMMIT
+        --parents-trained-at COMMIT | --parent PARENT.pt --refit-verdict TEXT
 
 ``make`` fine-tunes the parent once per seed with its own recipe over a short schedule and
 averages the fine-tunes; the soup lands in var/trials/ and one JSON line with its validation
@@ -13,7 +13,10 @@ var/trials/results.jsonl. Trained on folds 1, 2, 4-9 of ../shared/us8k, tested o
 
 ``publish`` gives the soups registry names, puts them in models/ and serves SOUP only through
 the gate (``train_committed_model.beats``: higher validation macro-F1 than the served model),
-with its card; ``--spread`` soups (the other parents') fill the card's seed table.
+with its card; ``--spread`` soups (the other parents') fill the card's seed table. A soup of a
+refit (``recipe_trials.py pcen-envelope-all``: nothing held out) has no validation score for the
+gate; it serves only with ``--refit-verdict``, the verdict of the rule declared for it, and
+``--parent`` publishes its parent run beside it.
 """
 
 from __future__ import annotations
@@ -26,13 +29,17 @@ from typing import Any
 
 from recipe_trials import OUT, US8K, log_epoch, record
 from train_committed_model import (
+    REGISTRY_NAME,
     code_commit,
+    is_refit,
     publish,
     published_runs,
     register_name,
     replacement_note,
     seed_row,
+    serve,
     serve_through_gate,
+    validation_figure,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +50,14 @@ URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/soup_trials.py make PARENT.p
     --teachers {teachers} --seeds {seeds} --epochs {epochs} --lr {lr}
 #   for each parent: {parents}
 .venv/bin/python scripts/soup_trials.py publish SOUP.pt --spread ...
+.venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
+REFIT_REPRODUCE = """git checkout {commit}   # the code that trained the refit and made its soup
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py pcen-envelope-all \\
+    --seeds {seed} --teachers {teachers}
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/soup_trials.py make \\
+    var/trials/pcen-envelope-all-student-s{seed}.pt --seeds {seeds} --epochs {epochs} --lr {lr}
+.venv/bin/python scripts/soup_trials.py publish var/trials/SOUP.pt \\
+    --parent var/trials/pcen-envelope-all-student-s{seed}.pt --refit-verdict ...
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 
 
@@ -82,8 +97,9 @@ def make(args: argparse.Namespace) -> None:
     test = evaluate_model(model, te.x, te.y, CLASSES)
     test.update(split=parent["metrics"].get("split"), test_folds=[3])
     # every argument that changes the soup is in its name: another run never overwrites it
+    name = parent["version"]  # a registry name by its hash, a trial run in full
     label = (f"soup-e{args.epochs}-lr{args.lr:g}-s{'-'.join(map(str, args.seeds))}-"
-             f"{parent['version'].rsplit('-', 1)[-1]}")
+             f"{name.rsplit('-', 1)[-1] if REGISTRY_NAME.fullmatch(name) else name}")
     soup = soup_record(parent, args.seeds, args.epochs, args.lr, scores)
     spec = {k: v for k, v in parent["data"]["test_set"].items() if k != "scores"}
     data = dict(parent["data"], soup=soup, test_set=with_scores(spec, label, test),
@@ -108,34 +124,58 @@ def publish_soups(args: argparse.Namespace) -> None:
     soups = [served, *(load_checkpoint(p) for p in args.spread)]
     renamed: dict[str, str] = {}
     published = published_runs(args.models)
-    for soup in soups:
-        register_name(soup, renamed, published)
-        publish(soup, args.models)
-    serving, replaced = serve_through_gate(served, args.models)
-    if not serving:
-        return
+    parents = [load_checkpoint(p) for p in args.parent]  # first: the soups then name them
+    for ckpt in [*parents, *soups]:
+        register_name(ckpt, renamed, published)
+        publish(ckpt, args.models)
     recipe = served["data"]["soup"]
-    parents = [registry.version_metadata(s["data"]["soup"]["parent"], args.models)
-               for s in soups]
-    notes = [f"Served: the soup of `{recipe['parent']}`, by the rule declared before the soups "
-             "ran (docs/trial-decisions.md, 3 Dec 16:59): the soup step joins the recipe if "
-             "the soups' mean validation macro-F1 beats their parents' (here "
-             f"{mean(map(kept_val_f1, soups)):.3f} against {mean(map(kept_val_f1, parents)):.3f}"
-             "), and a soup serves only through the gate. With 387 test clips from few "
-             "recordings, one clip is 0.26 points.",
-             *replacement_note(served, replaced)]
-    reproduce = REPRODUCE.format(
-        parents_commit=args.parents_trained_at, commit=args.trained_at or code_commit(),
-        teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]),
-        seeds=" ".join(map(str, recipe["seeds"])), epochs=recipe["epochs"], lr=recipe["lr"],
-        parents=", ".join(f"models/{s['data']['soup']['parent']}.pt" for s in soups))
+    if is_refit(served):
+        # nothing held out, so no validation score for the gate: a declared rule decides
+        if not args.refit_verdict:
+            raise SystemExit("error: a refit soup has no validation score for the gate; pass "
+                             "--refit-verdict with the declared rule's verdict")
+        replaced = serve(served, args.models)
+        served_because = (
+            f"Served: the soup of `{recipe['parent']}`, a refit (the recipe trained on every "
+            "training-side clip, the 15% held out for early stopping included, final weights "
+            "kept). A refit has no validation score for the 14:43 gate; by the rule declared "
+            "before the runs (docs/trial-decisions.md, 3 Dec 19:42) the grouped protocol "
+            f"decides instead: {args.refit_verdict}")
+    else:
+        if not args.parents_trained_at:
+            raise SystemExit("error: pass --parents-trained-at (the commit that trained the "
+                             "parents, for the card's Reproduce)")
+        serving, replaced = serve_through_gate(served, args.models)
+        if not serving:
+            return
+        parent_meta = [registry.version_metadata(s["data"]["soup"]["parent"], args.models)
+                       for s in soups]
+        served_because = (
+            f"Served: the soup of `{recipe['parent']}`, by the rule declared before the soups "
+            "ran (docs/trial-decisions.md, 3 Dec 16:59): the soup step joins the recipe if "
+            "the soups' mean validation macro-F1 beats their parents' (here "
+            f"{mean(map(kept_val_f1, soups)):.3f} against "
+            f"{mean(map(kept_val_f1, parent_meta)):.3f}), and a soup serves only through the "
+            "gate.")
+    notes = [f"{served_because} With 387 test clips from few recordings, one clip is 0.26 "
+             "points.", *replacement_note(served, replaced)]
+    common = {"commit": args.trained_at or code_commit(),
+              "teachers": " ".join(f"models/{t}.pt" for t in served["data"]["teachers"]),
+              "seeds": " ".join(map(str, recipe["seeds"])), "epochs": recipe["epochs"],
+              "lr": recipe["lr"]}
+    reproduce = (REFIT_REPRODUCE.format(seed=served["data"]["train_config"]["seed"], **common)
+                 if is_refit(served) else REPRODUCE.format(
+                     parents_commit=args.parents_trained_at, **common,
+                     parents=", ".join(f"models/{s['data']['soup']['parent']}.pt"
+                                       for s in soups)))
     (args.models / "MODEL_CARD.md").write_text(render(
         served, reproduce, notes,
-        seed_runs=sorted((seed_row(s) for s in soups), key=lambda r: r["seed"])))
+        seed_runs=sorted((seed_row(s) for s in soups), key=lambda r: r["seed"])
+        if len(soups) > 1 else None))  # one run has no spread to show
     for soup in soups:
         m = soup["metrics"]
         print(f"{soup['version']} (soup of {soup['data']['soup']['parent']}): validation "
-              f"macro-F1 {kept_val_f1(soup):.3f}, fold-3 accuracy {m['accuracy']:.3f}, "
+              f"macro-F1 {validation_figure(soup)}, fold-3 accuracy {m['accuracy']:.3f}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"serving {served['version']}; card: {args.models / 'MODEL_CARD.md'}")
 
@@ -155,8 +195,12 @@ def main() -> None:
     p.add_argument("soup", type=Path)
     p.add_argument("--spread", type=Path, nargs="*", default=[],
                    help="the other parents' soups: the card's seed table, never served")
-    p.add_argument("--parents-trained-at", required=True,
-                   help="commit that trained the parents (their card's Reproduce)")
+    p.add_argument("--parent", type=Path, nargs="*", default=[],
+                   help="the parent runs, when they are var/trials/ files not yet in models/")
+    p.add_argument("--refit-verdict", default=None,
+                   help="a refit soup: the declared rule's verdict, for its card")
+    p.add_argument("--parents-trained-at", default=None,
+                   help="commit that trained the parents (their card's Reproduce; not a refit)")
     p.add_argument("--trained-at", default=None, help="commit that made the soups "
                    "(default: this checkout's)")
     p.add_argument("--models", type=Path, default=ROOT / "models")

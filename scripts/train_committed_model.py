@@ -143,6 +143,10 @@ def register_name(ckpt: dict[str, Any], renamed: dict[str, str],
         if scores:
             scores["version"] = ckpt["version"]
     ckpt["data"]["teachers"] = [renamed.get(t, t) for t in ckpt["data"].get("teachers", [])]
+    if ckpt.get("parent"):  # a soup names the run it was made from
+        ckpt["parent"] = renamed.get(ckpt["parent"], ckpt["parent"])
+    if ckpt["data"].get("soup"):
+        ckpt["data"]["soup"]["parent"] = ckpt["parent"]
     ckpt["data"]["source_dir"] = "../shared/us8k"
 
 
@@ -212,17 +216,31 @@ def serve_through_gate(served: dict[str, Any], models: Path
     """Activate ``served`` if it ``beats`` the served model (a rerun for the card only finds
     it served already). Returns whether it serves and the metadata of the model it replaced
     (the registry's checked figures, not its weights), or says why it does not serve."""
-    current = registry.current(models)[0]
-    incumbent = registry.version_metadata(current, models)
+    incumbent = registry.version_metadata(registry.current(models)[0], models)
     if not beats(served, incumbent):
         print(f"not served: {served['version']} scores validation macro-F1 "
               f"{kept_val_f1(served):.3f}, not above {incumbent['version']}'s "
               f"{kept_val_f1(incumbent):.3f}; it keeps serving, with its card")
         return False, None
-    if current != served["version"]:
+    return True, serve(served, models)
+
+
+def serve(served: dict[str, Any], models: Path) -> dict[str, Any] | None:
+    """Activate ``served`` (a rerun for the card only finds it served already); the metadata of
+    the model it replaced. Only after a gate, or a declared rule that stands in for one."""
+    if registry.current(models)[0] != served["version"]:
         registry.activate(served["version"], models_dir=models)
     previous = (registry.read_pointer(models) or {}).get("previous")
-    return True, registry.version_metadata(previous, models) if previous else None
+    return registry.version_metadata(previous, models) if previous else None
+
+
+def is_refit(ckpt: dict[str, Any]) -> bool:
+    """Trained on the whole training side: no validation score, so no validation gate."""
+    return ckpt["data"].get("train_config", {}).get("validation") == 0
+
+
+def validation_figure(ckpt: dict[str, Any]) -> str:
+    return "none (a refit)" if is_refit(ckpt) else f"{kept_val_f1(ckpt):.3f}"
 
 
 def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) -> list[str]:
@@ -232,9 +250,9 @@ def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) ->
         return []
     m = replaced["metrics"]
     return [f"It replaces `{replaced['version']}`: test accuracy {m['accuracy']:.3f}, "
-            f"macro-F1 {m['macro_f1']:.3f}, validation macro-F1 {kept_val_f1(replaced):.3f} "
+            f"macro-F1 {m['macro_f1']:.3f}, validation macro-F1 {validation_figure(replaced)} "
             f"(this model: {served['metrics']['accuracy']:.3f}, "
-            f"{served['metrics']['macro_f1']:.3f}, {kept_val_f1(served):.3f}). The rule that "
+            f"{served['metrics']['macro_f1']:.3f}, {validation_figure(served)}). The rule that "
             "decided it was written before the line ran: docs/trial-decisions.md."]
 
 

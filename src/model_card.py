@@ -145,7 +145,9 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
            f"{data.get('new_clips', {}).get('n', '?')} further clips merged with its training "
            "data (the retraining path)."] if data.get("fine_tuned_from") else []),
         *([f"- Distilled from the ensemble of {len(data['teachers'])} models trained on the "
-           f"same split ({', '.join(f'`{t}`' for t in data['teachers'])}): "
+           + ("same split" if val.get("n") != 0 else
+              "same folds, without the held-out clips this refit adds")
+           + f" ({', '.join(f'`{t}`' for t in data['teachers'])}): "
            f"{_distillation(data)}."] if data.get("teachers") else []),
         *([soup_line(data["soup"])] if data.get("soup") else []),
         "",
