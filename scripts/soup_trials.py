@@ -77,7 +77,13 @@ def teachers_of(parent: dict[str, Any], given: list[Path]) -> list[dict[str, Any
 
 
 def make(args: argparse.Namespace) -> None:
-    from src.model import evaluate_model, load_checkpoint, make_checkpoint, save_checkpoint
+    from src.model import (
+        TrainConfig,
+        evaluate_model,
+        load_checkpoint,
+        make_checkpoint,
+        save_checkpoint,
+    )
     from src.preprocessing import CLASSES, FeatureConfig
     from src.soup import make_soup, soup_record
     from src.testset import with_scores
@@ -89,7 +95,8 @@ def make(args: argparse.Namespace) -> None:
     config = FeatureConfig.from_dict(parent["feature_config"])
     recipe = parent["data"]["train_config"]
     # the parent's own split: a refit parent (validation 0) is souped on every training clip
-    splits = split_clips(US8K, {3}, recipe.get("validation", 0.15), recipe["split_seed"])
+    splits = split_clips(US8K, {3}, recipe.get("validation", TrainConfig.validation),
+                         recipe["split_seed"])
     tr, va, te = (Split.load(c, config, args.cache, False) for c in splits[:3])
     model, scores = make_soup(parent, tr, va, args.seeds, args.epochs, args.lr,
                               teachers_of(parent, args.teachers), on_epoch=log_epoch)
