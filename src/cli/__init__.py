@@ -68,8 +68,6 @@ def train(
     from ..train import train as run_training
 
     settings = get_settings()
-    data = data or ensure_default_data()
-    version = registry.new_version_name()
     if frontend is not None and frontend not in FRONTENDS:
         raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
@@ -77,6 +75,8 @@ def train(
     if envelope is not None:  # unset: the recipe's default, kept in one place (TrainConfig)
         cfg.envelope = envelope
     cfg = with_choices(cfg, keep, validation)
+    data = data or ensure_default_data()  # after the checks: a usage error writes nothing
+    version = registry.new_version_name()
     config = FeatureConfig(frontend=frontend) if frontend else FeatureConfig()
     teachers = [load_checkpoint(resolve_model(t)) for t in teacher or []]
     result = run_training(data, set(test_fold or []) or None, cfg, config,

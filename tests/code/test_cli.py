@@ -138,9 +138,12 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     assert plain["data"]["train"]["n"] == (teacher["data"]["train"]["n"]
                                            + teacher["data"]["validation"]["n"])
     assert "none held out" in render(plain)
-    no_epoch_to_pick = run("train", "--data", str(synthetic_data), "--validation", "0", env=env)
+    # refused before anything is written: not even the default demo set when --data is unset
+    empty = tmp_path / "no-data-yet"
+    no_epoch_to_pick = run("train", "--validation", "0",
+                           env={**env, "URBANSOUND_DATA_DIR": str(empty)})
     assert_one_line_error(no_epoch_to_pick)
-    assert "keep='last'" in no_epoch_to_pick.stderr
+    assert "keep='last'" in no_epoch_to_pick.stderr and not empty.exists()
     mismatch = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
                    "--frontend", "logmel", "--teacher", version, env=env)
     assert_one_line_error(mismatch)
