@@ -18,6 +18,16 @@ ORIGINALS = SHARED / "us8k-originals"
 COMMITTED_MODELS = ROOT / "models"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Judge a candidate by the behavioural model tests before it is activated (a rule in
+    docs/trial-decisions.md asks this; activating first and testing after has happened)."""
+    group = parser.getgroup("urbansound")
+    group.addoption("--candidate", type=Path, default=None,
+                    help="tests/model: a checkpoint to test instead of the served one")
+    group.addoption("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="tests/model: the conv body's precision (default: as served)")
+
+
 def require(path: Path, what: str) -> Path:
     if not path.exists():
         reason = f"{what} not found at {path}"

@@ -17,8 +17,10 @@ from src.preprocessing import CLASSES, FeatureConfig
 
 
 @pytest.fixture(scope="module")
-def predictor(committed_model) -> Predictor:
-    return Predictor(committed_model)
+def predictor(committed_model, pytestconfig) -> Predictor:
+    candidate = pytestconfig.getoption("--candidate")
+    return Predictor(candidate or committed_model,
+                     precision=pytestconfig.getoption("--precision"))
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +65,32 @@ def test_invariant_to_a_small_time_shift(predictor, fold3):
 
 
 def test_directional_mixing_in_a_siren_raises_siren(predictor, us8k):
-    sirens = [c for c in read_us8k(us8k, {3}) if c.label == "siren"][:5]
-    idles = [c for c in read_us8k(us8k, {3}) if c.label in ("air_conditioner", "engine_idling")][:5]
+    """Every fold-3 siren mixed at equal peak level into 4 air conditioners and 4 idling
+    engines: the siren probability must rise in nearly all of the mixes. A rate over every
+    pairing, not all of five pairs: one mix in five is noise about the tendency this checks
+    (docs/trial-decisions.md, 3 Dec 23:31)."""
+    clips = read_us8k(us8k, {3})
+    sirens = [c for c in clips if c.label == "siren"]
+    idles = [c for label in ("air_conditioner", "engine_idling")
+             for c in [c for c in clips if c.label == label][:4]]
     sr = predictor.config.sample_rate
     n = FeatureConfig().n_samples
     siren_id = CLASSES.index("siren")
-    rises = 0
-    for background, siren in zip(idles, sirens, strict=True):
-        bg = np.resize(raw(predictor, background), n)
-        s = np.resize(raw(predictor, siren), n)
-        before = predictor.probabilities(predictor.load(audio_bytes(bg, sr, "FLOAT")))[0, siren_id]
-        mixed = bg / (np.abs(bg).max() + 1e-9) + s / (np.abs(s).max() + 1e-9)
-        after = predictor.probabilities(
-            predictor.load(audio_bytes(mixed / 2, sr, "FLOAT")))[0, siren_id]
-        rises += after > before
-    assert rises == len(sirens)
+
+    def siren_probability(y: np.ndarray) -> float:
+        return predictor.probabilities(predictor.load(audio_bytes(y, sr, "FLOAT")))[0, siren_id]
+
+    def peak_normalised(clip) -> np.ndarray:
+        y = np.resize(raw(predictor, clip), n)
+        return y / (np.abs(y).max() + 1e-9)
+
+    backgrounds = [peak_normalised(c) for c in idles]
+    before = [siren_probability(bg / 2) for bg in backgrounds]
+    rises = [siren_probability((bg + s) / 2) > p
+             for s in map(peak_normalised, sirens) for bg, p in zip(backgrounds, before,
+                                                                      strict=True)]
+    assert len(rises) >= 40, "too few fold-3 sirens to judge a rate"
+    assert sum(rises) / len(rises) >= 0.9, f"siren rose in {sum(rises)} of {len(rises)} mixes"
 
 
 def test_minimum_functionality_on_confident_classes(predictor, us8k):
