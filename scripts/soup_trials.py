@@ -31,7 +31,6 @@ from recipe_trials import OUT, US8K, log_epoch, record
 from train_committed_model import (
     REGISTRY_NAME,
     code_commit,
-    is_refit,
     publish,
     published_runs,
     register_name,
@@ -41,6 +40,8 @@ from train_committed_model import (
     serve_through_gate,
     validation_figure,
 )
+
+from src.model import is_refit
 
 ROOT = Path(__file__).resolve().parents[1]
 REPRODUCE = """git checkout {parents_commit}   # the code that trained the parents

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from src import registry
-from src.model import TrainConfig, kept_val_f1, load_checkpoint, save_checkpoint
+from src.model import TrainConfig, is_refit, kept_val_f1, load_checkpoint, save_checkpoint
 from src.model_card import render
 from src.train import train
 
@@ -232,11 +232,6 @@ def serve(served: dict[str, Any], models: Path) -> dict[str, Any] | None:
         registry.activate(served["version"], models_dir=models)
     previous = (registry.read_pointer(models) or {}).get("previous")
     return registry.version_metadata(previous, models) if previous else None
-
-
-def is_refit(ckpt: dict[str, Any]) -> bool:
-    """Trained on the whole training side: no validation score, so no validation gate."""
-    return ckpt["data"].get("train_config", {}).get("validation") == 0
 
 
 def validation_figure(ckpt: dict[str, Any]) -> str:

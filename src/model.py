@@ -189,6 +189,13 @@ def kept_val_f1(ckpt: Checkpoint) -> float:
     return scores[-1] if ckpt["data"]["train_config"].get("keep") == "last" else max(scores)
 
 
+def is_refit(ckpt: Checkpoint) -> bool:
+    """Trained on the whole training side (``TrainConfig.validation`` 0): nothing was held
+    out, so there is no validation score to gate or choose it by, and its card says so. The
+    one test of it, for the card, the scripts and any gate."""
+    return bool(ckpt.get("data", {}).get("train_config", {}).get("validation") == 0)
+
+
 class CheckpointError(UserError, ValueError):
     """A file that is not one of our checkpoints, or a corrupt one."""
 
@@ -251,8 +258,9 @@ class TrainConfig:
         if not 0 <= self.validation < 1:
             raise ValueError(f"validation must be in [0, 1), not {self.validation}")
         if self.validation == 0 and self.keep == "best":
-            raise ValueError("with no validation there is no best epoch to keep: "
-                             "use keep='last' (the whole schedule's final weights)")
+            # both spellings: the CLI shows this message as its usage error
+            raise ValueError("with no validation there is no best epoch to keep: keep the "
+                             "whole schedule's final weights (--keep last; keep='last')")
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, for checkpoints and cross-validation records (tuples as

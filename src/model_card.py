@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .model import is_refit
 from .preprocessing import channel_names
 
 POOLING = {"bands": "; a head that keeps each frequency band instead of averaging them"}
@@ -98,9 +99,9 @@ def seeds_section(runs: list[dict[str, Any]], folds: Any) -> list[str]:
     ]
 
 
-def validation_line(val: dict[str, Any]) -> str:
+def validation_line(val: dict[str, Any], refit: bool) -> str:
     """A refit holds nothing out; its card must not read as if early stopping had chosen it."""
-    if val.get("n") == 0:
+    if refit:
         return ("- Validation: none held out. A refit on every training-side clip, the whole "
                 "schedule's final weights kept; the recipe was chosen on held-out recordings "
                 "before (docs/trial-decisions.md).")
@@ -137,7 +138,7 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         f"- Source: `{data.get('source_dir', '?')}`; split: {data.get('split', m.get('split'))}.",
         f"- Training: {train.get('n', '?')} clips from {train.get('recordings', '?')} recordings, "
         f"folds {train.get('folds', '?')}.",
-        validation_line(val),
+        validation_line(val, is_refit(ckpt)),
         f"- Test: {test.get('n', m.get('n'))} clips, folds {test.get('folds', '?')} — never seen "
         "in training or validation; no recording (fsID) appears on two sides.",
         f"- Training clips per class: {train.get('per_class', {})}.",
@@ -145,7 +146,7 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
            f"{data.get('new_clips', {}).get('n', '?')} further clips merged with its training "
            "data (the retraining path)."] if data.get("fine_tuned_from") else []),
         *([f"- Distilled from the ensemble of {len(data['teachers'])} models trained on the "
-           + ("same split" if val.get("n") != 0 else
+           + ("same split" if not is_refit(ckpt) else
               "same folds, without the held-out clips this refit adds")
            + f" ({', '.join(f'`{t}`' for t in data['teachers'])}): "
            f"{_distillation(data)}."] if data.get("teachers") else []),

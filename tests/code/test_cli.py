@@ -114,7 +114,7 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     student, student_path = registry.current(tmp_path / "models")
     assert student != version
-    from src.model import load_checkpoint
+    from src.model import is_refit, load_checkpoint
 
     assert load_checkpoint(student_path)["data"]["teachers"] == [version]
     missing = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
@@ -137,13 +137,13 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     assert plain["data"]["validation"]["n"] == 0 and plain["history"][-1]["val_f1"] is None
     assert plain["data"]["train"]["n"] == (teacher["data"]["train"]["n"]
                                            + teacher["data"]["validation"]["n"])
-    assert "none held out" in render(plain)
+    assert "none held out" in render(plain) and is_refit(plain) and not is_refit(teacher)
     # refused before anything is written: not even the default demo set when --data is unset
     empty = tmp_path / "no-data-yet"
     no_epoch_to_pick = run("train", "--validation", "0",
                            env={**env, "URBANSOUND_DATA_DIR": str(empty)})
     assert_one_line_error(no_epoch_to_pick)
-    assert "keep='last'" in no_epoch_to_pick.stderr and not empty.exists()
+    assert "--keep last" in no_epoch_to_pick.stderr and not empty.exists()
     mismatch = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
                    "--frontend", "logmel", "--teacher", version, env=env)
     assert_one_line_error(mismatch)
