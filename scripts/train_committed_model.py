@@ -81,6 +81,12 @@ URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py
 #   at --epochs 60 --keep last; then --epochs 40 --patience 12 --seed {seed} with --teacher
 #   for each of the six
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
+REFIT_REPRODUCE = """git checkout {commit}   # the code that trained the refit students
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py pcen-envelope-all \\
+    --seeds {seeds} --teachers {teachers}
+.venv/bin/python scripts/train_committed_model.py --teachers {teachers} \\
+    --students var/trials/pcen-envelope-all-student-s{seed}.pt --spread ... --refit-verdict ...
+.venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 
 
 def code_commit() -> str:
@@ -174,6 +180,9 @@ def main() -> None:
                         help="grouped cross-validation summary (JSON) for the card")
     parser.add_argument("--trained-at", default=None, help="commit that trained finished "
                         "--teachers/--students (default: this checkout's)")
+    parser.add_argument("--refit-verdict", default=None,
+                        help="serve the first --students run, a refit (no validation score for "
+                        "the gate), by a declared rule: its verdict, for the card")
     args = parser.parse_args()
     renamed: dict[str, str] = {}
     published = published_runs(args.models)
@@ -187,25 +196,33 @@ def main() -> None:
     students = ([load_checkpoint(p) for p in args.students] if args.students
                 else [fit(args, {**FORTY, "seed": s}, teachers) for s in STUDENT_SEEDS])
     plain = [load_checkpoint(p) for p in args.plain]
-    served = max(students + plain, key=kept_val_f1)
-    candidates = len(students)
+    if args.refit_verdict:  # declared before it ran, never chosen: the first student
+        served, candidates = students[0], 1
+        if not is_refit(served):
+            raise SystemExit("error: --refit-verdict serves a refit; the first --students run "
+                             "held clips out, so the validation gate judges it")
+    else:
+        served, candidates = max(students + plain, key=kept_val_f1), len(students)
     students += [load_checkpoint(p) for p in args.spread]
     for s in students:
         register_name(s, renamed, published)
         publish(s, args.models)  # the card's seed table names them all
     publish(served, args.models)
-    serving, replaced = serve_through_gate(served, args.models)
-    if not serving:
-        return
+    if args.refit_verdict:
+        replaced = serve(served, args.models)
+    else:
+        serving, replaced = serve_through_gate(served, args.models)
+        if not serving:
+            return
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
     write_card(served, students, candidates, plain, validation, args.models,
-               args.trained_at or code_commit(), replaced)
+               args.trained_at or code_commit(), replaced, args.refit_verdict)
     for run in teachers + students + plain:
         m = run["metrics"]
         print(f"{run['version']} (seed {seed_of(run)}, {len(run['data']['teachers'])} teachers): "
-              f"validation macro-F1 {kept_val_f1(run):.3f}, "
+              f"validation macro-F1 {validation_figure(run)}, "
               f"fold-3 accuracy {m['accuracy']:.3f}, "
               f"macro-F1 {m['macro_f1']:.3f}")
     print(f"serving {served['version']}; card: {args.models / 'MODEL_CARD.md'}")
@@ -259,20 +276,33 @@ def seed_row(run: dict[str, Any]) -> dict[str, Any]:
 
 def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
-               models: Path, commit: str, replaced: dict[str, Any] | None = None) -> None:
-    notes = [f"Served: the best validation macro-F1 of the weights kept (inside the training "
-             f"folds) of {candidates} students and {len(plain)} runs without teachers, chosen "
-             "before looking at the test fold"
-             + (f"; {len(students) - candidates} more student(s) ran afterwards only to "
-                "measure the spread" if len(students) > candidates else "")
-             + ". With 387 test clips from few recordings, one clip is 0.26 points."]
+               models: Path, commit: str, replaced: dict[str, Any] | None = None,
+               refit_verdict: str | None = None) -> None:
+    spread = (f"; {len(students) - candidates} more student(s) ran only to measure "
+              "the spread" if len(students) > candidates else "")
+    if refit_verdict:
+        why = (f"Served: a refit student (the recipe trained on every training-side clip, the "
+               f"15% held out for early stopping included, final weights kept), seed "
+               f"{seed_of(served)}, declared before it ran{spread}. A refit has no validation "
+               f"score for the gate; the rule declared for it (docs/trial-decisions.md) "
+               f"decides instead: {refit_verdict}")
+        reproduce = REFIT_REPRODUCE.format(
+            commit=commit, seed=seed_of(served),
+            seeds=" ".join(str(seed_of(s)) for s in students),
+            teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
+    else:
+        why = (f"Served: the best validation macro-F1 of the weights kept (inside the training "
+               f"folds) of {candidates} students and {len(plain)} runs without teachers, chosen "
+               f"before looking at the test fold{spread}.")
+        reproduce = REPRODUCE.format(seed=seed_of(served), commit=commit)
+    notes = [f"{why} With 387 test clips from few recordings, one clip is 0.26 points."]
     notes += replacement_note(served, replaced)
     if plain:
         runs = ", ".join(f"seed {seed_of(r)} {r['metrics']['accuracy']:.3f}/"
                          f"{r['metrics']['macro_f1']:.3f}" for r in plain)
         notes.append(f"The same recipe without teachers, fold-3 accuracy/macro-F1: {runs}.")
     (models / "MODEL_CARD.md").write_text(
-        render(served, REPRODUCE.format(seed=seed_of(served), commit=commit), notes,
+        render(served, reproduce, notes,
                validation=validation,
                seed_runs=sorted((seed_row(s) for s in students), key=lambda r: r["seed"])))
 
