@@ -37,6 +37,10 @@ recognised (``published_runs``) and keep the names they were published under.
    student fine-tuned three times and the weights averaged (``make``), and the served
    student's soup published through the same gate (``publish``), with its own card.
 
+6. A refit student (``recipe_trials.py pcen-envelope-all``: nothing held out, so no validation
+   score for the gate) serves only by a rule declared before it ran: ``--students REFIT.pt
+   --refit-verdict TEXT`` serves the first student as the rule named it, with its own card.
+
 The card reports every student seed and plain run (the spread a single figure hides) and, with
 ``--validation``, the grouped cross-validation summary (``recipe_trials.py --protocol
 grouped``) that chose the front end.

@@ -23,9 +23,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     docs/trial-decisions.md asks this; activating first and testing after has happened)."""
     group = parser.getgroup("urbansound")
     group.addoption("--candidate", type=Path, default=None,
-                    help="tests/model: a checkpoint to test instead of the served one")
+                    help="behavioural tests: a checkpoint to test instead of the served one")
     group.addoption("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
-                    help="tests/model: the conv body's precision (default: as served)")
+                    help="behavioural tests: the conv body's precision (default: as served)")
 
 
 def require(path: Path, what: str) -> Path:
