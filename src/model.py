@@ -230,6 +230,7 @@ class TrainConfig:
     mixup_prob: float = 0.5
     specaugment: bool = True
     waveform_augment: bool = True
+    speed: float = 0.0  # waveform augmentation: playback speed drawn from 1 ± speed; 0 = off
     patience: int = 10
     ema_decay: float = 0.995  # validate and keep an exponential moving average of the weights
     warmup_fraction: float = 0.3  # patience only counts once the LR has peaked and is falling
@@ -347,7 +348,7 @@ def train_epoch(model: AudioCNN, train_x: torch.Tensor, targets: torch.Tensor,
         wave = train_x[idx]
         if cfg.waveform_augment:
             noise_pool = train_x[torch.randint(n, (len(idx),), generator=gen)]
-            wave = augment_waveforms(wave, gen, noise_pool)
+            wave = augment_waveforms(wave, gen, noise_pool, speed=cfg.speed)
         x = model.features(wave)
         if cfg.specaugment:
             x = spec_augment(x, gen, max_band_shift=cfg.band_shift, eq_std=cfg.eq_std)

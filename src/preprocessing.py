@@ -440,16 +440,39 @@ class Standardise(nn.Module):
 
 # --------------------------------------------------------------------------- augmentation
 
+def change_speed(y: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Play each clip ``factors[i]`` times as fast (pitch and tempo together), keeping its
+    length: read at ``factor * t``, linearly interpolated, wrapping around the end as the
+    circular shift and the tiled padding already do.
+
+    Why speed rather than a pitch shift: a machine running faster is what another recording of
+    the same class sounds like (an engine's firing rate, a fan's blade tone), and resampling
+    is one cheap gather on the waveform batch. Above 1 the top ``1 - 1/factor`` of the band
+    folds back: at 10% that is the last kHz under Nyquist, where these clips hold little.
+    """
+    length = y.shape[1]
+    pos = factors.view(-1, 1) * torch.arange(length, dtype=y.dtype).view(1, -1)
+    i0 = pos.floor().long()
+    frac = pos - i0
+    i0 = i0 % length
+    return torch.gather(y, 1, i0) * (1 - frac) + torch.gather(y, 1, (i0 + 1) % length) * frac
+
+
 def augment_waveforms(
     y: torch.Tensor, gen: torch.Generator, noise: torch.Tensor | None = None,
     max_shift: float = 0.25, max_gain_db: float = 6.0, noise_snr_db: tuple[float, float] = (10, 30),
+    speed: float = 0.0,
 ) -> torch.Tensor:
-    """Gain, circular time shift and background noise, per example.
+    """Speed (when ``speed`` > 0: a factor drawn from [1 - speed, 1 + speed]), gain, circular
+    time shift and background noise, per example.
 
     Gain is kept even though features are level-normalised at load time: it perturbs the mix
-    with the background noise added here. ``noise`` is a pool of other clips' waveforms.
+    with the background noise added here. ``noise`` is a pool of other clips' waveforms. With
+    ``speed`` 0 no random number is drawn for it, so older recipes replay the same augmentation.
     """
     n, length = y.shape
+    if speed > 0:
+        y = change_speed(y, 1 + (torch.rand(n, generator=gen) * 2 - 1) * speed)
     out = torch.empty_like(y)
     shifts = (torch.rand(n, generator=gen) * 2 - 1) * max_shift * length
     for i in range(n):
