@@ -54,6 +54,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # machine classes, whose few training recordings each run at one speed
     "pcen-envelope-speed-all": ({"envelope": True, "keep": "last", "validation": 0.0,
                                  "speed": 0.1}, {"frontend": "logmel+pcen"}),
+    # the refit with attention pooling over time (TIME_POOLS): a clip's label is its salient
+    # source, which often sounds for only part of the clip
+    "pcen-envelope-attention-all": ({"envelope": True, "keep": "last", "validation": 0.0,
+                                     "time_pool": "attention"}, {"frontend": "logmel+pcen"}),
 }
 
 

@@ -47,6 +47,12 @@ Checkpoint = dict[str, Any]
 #: spectrum energy sits — what separates air conditioners, idling engines and jackhammers,
 #: whose textures are alike and whose spectral envelopes are not.
 FREQ_POOLS = ("mean", "bands")
+#: How it is summarised over time, beside the max (the transient evidence). "meanmax" (the
+#: original head) takes the plain mean of the frames; "attention" a softmax-weighted mean whose
+#: frame scores are learned (attention pooling, as in Kong et al.'s PANNs): a clip is labelled
+#: by its salient source, which often fills only part of the 4 s. The scorer starts at zero,
+#: so an attention head begins as the mean head and learns only where that helps.
+TIME_POOLS = ("meanmax", "attention")
 ENVELOPE_DIM = 64
 
 
@@ -63,11 +69,13 @@ class AudioCNN(nn.Module):
         self, n_classes: int = len(CLASSES), widths: tuple[int, ...] = (16, 32, 64, 128),
         dropout: float = 0.3, config: FeatureConfig | None = None,
         mean: np.ndarray | None = None, std: np.ndarray | None = None,
-        freq_pool: str = "mean", envelope: bool = False,
+        freq_pool: str = "mean", envelope: bool = False, time_pool: str = "meanmax",
     ):
         super().__init__()
         if freq_pool not in FREQ_POOLS:
             raise ValueError(f"freq_pool must be one of {FREQ_POOLS}, not {freq_pool!r}")
+        if time_pool not in TIME_POOLS:
+            raise ValueError(f"time_pool must be one of {TIME_POOLS}, not {time_pool!r}")
         self.config = config or FeatureConfig()
         self.freq_pool = freq_pool
         n_mels = self.config.n_mels
@@ -92,6 +100,12 @@ class AudioCNN(nn.Module):
         self.envelope = (nn.Sequential(nn.Linear(2 * n_mels, ENVELOPE_DIM), nn.ReLU())
                          if envelope else None)
         self.head = nn.Linear(2 * w4 * bands + (ENVELOPE_DIM if envelope else 0), n_classes)
+        # made after every other layer, so the seed draws the same initial weights for those
+        # as it does for a mean head
+        self.attention = nn.Linear(w4, 1) if time_pool == "attention" else None
+        if self.attention is not None:
+            nn.init.zeros_(self.attention.weight)
+            nn.init.zeros_(self.attention.bias)
         # channels-last lets oneDNN pick its fast conv/pool kernels: ~3x faster training and
         # ~25% faster inference on CPU than the default NCHW layout.
         # torch's stubs omit Module.to's memory_format keyword (documented, and it works)
@@ -111,11 +125,24 @@ class AudioCNN(nn.Module):
         if self.freq_pool == "mean":
             h = h.mean(dim=2)  # pool frequency: the convolutions already aligned the bands
         # sustained + transient evidence over time; with "bands", per frequency band
-        h = torch.cat([h.mean(dim=-1), h.amax(dim=-1)], dim=1).flatten(1)
+        h = torch.cat([self.pool_time(h), h.amax(dim=-1)], dim=1).flatten(1)
         if self.envelope is not None:
             logmel = x[:, 0]  # (batch, mels, frames), standardised
             h = torch.cat([h, self.envelope(torch.cat([logmel.mean(-1), logmel.std(-1)], 1))], 1)
         return cast(torch.Tensor, self.head(self.dropout(h)))
+
+    def pool_time(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` (batch, channels, [bands,] frames) → its mean over frames, plain or weighted
+        by the attention scorer (a score per frame from that frame's channels)."""
+        if self.attention is None:
+            return h.mean(dim=-1)
+        scores = self.attention(h.movedim(1, -1)).squeeze(-1)  # (batch, [bands,] frames)
+        weights = torch.softmax(scores, dim=-1).unsqueeze(1)
+        return (h * weights).sum(dim=-1)
+
+    @property
+    def time_pool(self) -> str:
+        return "meanmax" if self.attention is None else "attention"
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(waveforms))
@@ -129,6 +156,7 @@ def build_model(ckpt: Checkpoint) -> AudioCNN:
         dropout=ckpt["arch"]["dropout"], config=FeatureConfig.from_dict(ckpt["feature_config"]),
         freq_pool=ckpt["arch"].get("freq_pool", "mean"),  # older checkpoints: the mean head
         envelope=ckpt["arch"].get("envelope", False),
+        time_pool=ckpt["arch"].get("time_pool", "meanmax"),  # older checkpoints: the mean
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -153,6 +181,7 @@ def make_checkpoint(
             "dropout": float(dropout if dropout is not None else model.dropout.p),
             "freq_pool": model.freq_pool,
             "envelope": model.envelope is not None,
+            "time_pool": model.time_pool,
         },
         "norm_mean": model.standardise.mean.flatten().tolist(),
         "norm_std": model.standardise.std.flatten().tolist(),
@@ -242,6 +271,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     class_weighting: bool = True
     freq_pool: str = "mean"  # see FREQ_POOLS
+    time_pool: str = "meanmax"  # see TIME_POOLS
     envelope: bool = True  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
@@ -470,4 +500,4 @@ def new_model(train_x: torch.Tensor, cfg: TrainConfig, config: FeatureConfig) ->
     # cross-validation resumed mid-way did not train the folds it would have.
     torch.manual_seed(cfg.seed)
     return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std,
-                    freq_pool=cfg.freq_pool, envelope=cfg.envelope)
+                    freq_pool=cfg.freq_pool, envelope=cfg.envelope, time_pool=cfg.time_pool)

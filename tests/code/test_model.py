@@ -190,6 +190,47 @@ def test_multi_channel_front_end_round_trips_and_serves(frontend, envelope, tmp_
     assert isinstance(model, AudioCNN)
 
 
+def test_attention_pooling_starts_as_the_mean_and_weights_the_frames_it_scores(tmp_path):
+    """An attention head draws the same initial weights as the mean head for every other layer
+    and, its scorer at zero, computes exactly what that head does; once the scorer prefers a
+    frame the pooled features move to it; the head survives a checkpoint, serves as the eager
+    model computes, and a checkpoint from before the option loads as the mean head."""
+    from src.model import AudioCNN, make_checkpoint
+
+    x = torch.randn(3, FeatureConfig().n_samples) * 0.1
+    torch.manual_seed(0)
+    plain = AudioCNN(envelope=True).eval()
+    torch.manual_seed(0)
+    attn = AudioCNN(envelope=True, time_pool="attention").eval()
+    assert attn.time_pool == "attention" and plain.time_pool == "meanmax"
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, attn.state_dict()[key]), key
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(x), plain(x))
+
+    h = torch.zeros(1, 128, 10)
+    h[0, :, 7] = 1.0  # one loud frame among silent ones
+    with torch.inference_mode():
+        assert torch.allclose(attn.pool_time(h), torch.full((1, 128), 0.1))  # the mean
+        attn.attention.weight.fill_(0.1)  # scores 12.8 for that frame, 0 for the others
+        assert (attn.pool_time(h) > 0.99).all()
+        assert not torch.allclose(attn(x), plain(x))
+
+    ckpt = make_checkpoint(attn, CLASSES, "att-1", None, {}, {})
+    assert ckpt["arch"]["time_pool"] == "attention"
+    loaded = build_model(load_checkpoint(save_checkpoint(ckpt, tmp_path / "m.pt")))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), attn(x))
+    np.testing.assert_allclose(Predictor(ckpt, precision="float32").probabilities(x[:2].numpy()),
+                               Predictor(ckpt, optimise=False).probabilities(x[:2].numpy()),
+                               atol=1e-4)
+    old = make_checkpoint(plain, CLASSES, "old-1", None, {}, {})
+    old["arch"].pop("time_pool")
+    assert build_model(old).attention is None
+    with pytest.raises(ValueError, match="time_pool"):
+        AudioCNN(time_pool="median")
+
+
 def test_checkpoints_from_before_front_ends_load_as_log_mel(committed_model):
     """The log-mel models published before the front end had a name (their feature config
     has no ``frontend`` key) still load, as one-channel log-mel models, and classify."""
