@@ -9,8 +9,11 @@ import csv
 import io
 import os
 import socket
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -79,6 +82,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ClientThreads:
+    """``clients`` threads each running ``client(k)`` until ``stop`` is set, as a context
+    manager: the one shape of the load and fault tests' traffic, so both start, stop and join
+    their clients the same way. ``lock`` guards what the clients record; ``started`` is when
+    they began (``time.monotonic``); ``join_timeout_s`` bounds the wait for a client stuck in a
+    request when the test ends."""
+
+    join_timeout_s: float = 60
+
+    def __init__(self, clients: int):
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.started = 0.0
+        self.threads = [threading.Thread(target=self.client, args=(k,), daemon=True)
+                        for k in range(clients)]
+
+    def client(self, k: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.started = time.monotonic()
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.join_timeout_s)
 
 
 def unavailable(reason: str) -> None:

@@ -21,13 +21,12 @@ import hashlib
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
-from web_helpers import TOKEN, Gunicorn, app_env, build_registry, tone
+from web_helpers import TOKEN, ClientThreads, Gunicorn, app_env, build_registry, tone
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,17 +49,17 @@ def server_env(quick_model, synthetic_data, tmp_path):
 
 # --------------------------------------------------------------------------- uploads
 
-class Uploaders:
+class Uploaders(ClientThreads):
     """``CLIENTS`` threads uploading distinct one-second clips until stopped; remembers the
     sha256 of every clip the server answered 201 for, and what else happened."""
+
+    join_timeout_s = 90
 
     def __init__(self, url: str, first_seed: int = 0):
         self.url, self.seed = url, first_seed
         self.accepted: dict[str, float] = {}  # sha256 -> when the 201 arrived
         self.other: list[str] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(CLIENTS)]
+        super().__init__(CLIENTS)
 
     def next_clip(self) -> bytes:
         with self.lock:
@@ -68,7 +67,7 @@ class Uploaders:
             seed = self.seed
         return tone(seconds=1.0, freq=200.0 + seed % 1500, seed=seed)
 
-    def run(self) -> None:
+    def client(self, k: int) -> None:
         session = requests.Session()
         while not self.stop.is_set():
             clip = self.next_clip()
@@ -90,16 +89,6 @@ class Uploaders:
                     self.accepted[body["accepted"][0]["sha256"]] = time.monotonic()
                 else:
                     self.other.append(f"{r.status_code} {r.text[:200]}")
-
-    def __enter__(self) -> Uploaders:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=90)
 
     def wait_for(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

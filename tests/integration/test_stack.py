@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from web_helpers import ClientThreads, unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,12 +39,6 @@ REDIS_DB = int(os.environ.get("URBANSOUND_TEST_STACK_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 TOKEN = "stack-test-token"
 BASE = "stack-base-1"
-
-
-def unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must provide it)", pytrace=False)
-    pytest.skip(f"{reason}; CI runs this test")
 
 
 def free_ports(n: int) -> list[int]:
@@ -251,7 +246,7 @@ def test_locust_profile_runs_clean_through_nginx(stack: Stack) -> None:
     assert len(seen["upstreams"]) == 2
 
 
-class Load:
+class Load(ClientThreads):
     """Clients predicting through nginx until stopped, each pausing ``pause_s`` between
     requests; every answer is kept. Bounded: at most ``max_s`` seconds and ``max_requests``
     requests in all."""
@@ -261,23 +256,9 @@ class Load:
         self.stack, self.max_s, self.max_requests = stack, max_s, max_requests
         self.pause_s = pause_s
         self.results: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True)
-                        for k in range(clients)]
+        super().__init__(clients)
 
-    def __enter__(self) -> Load:
-        self.started = time.monotonic()
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
-
-    def _run(self, k: int) -> None:
+    def client(self, k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.stack.port, timeout=30)
         i = k
         while not self.stop.is_set() and time.monotonic() - self.started < self.max_s:
