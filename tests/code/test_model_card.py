@@ -43,11 +43,15 @@ def test_card_says_which_front_end_and_head_the_model_has(quick_model):
     plain = render(ckpt)
     assert "64-band log-mel spectrograms" in plain and "PCEN" not in plain
     assert "mean and spread" not in plain
+    assert "attention" not in plain
     ckpt["feature_config"]["frontend"] = "logmel+pcen"
     ckpt["arch"]["envelope"] = True
     card = render(ckpt)
     assert "log-mel and PCEN (per-channel energy normalised) spectrograms" in card
     assert "the head also sees each band's mean and spread over time" in card
+    assert "attention" not in card
+    ckpt["arch"]["time_pool"] = "attention"
+    assert "frames are averaged with learned attention weights" in render(ckpt)
 
 
 def test_card_says_a_soup_is_one(quick_model):
