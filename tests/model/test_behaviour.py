@@ -89,6 +89,8 @@ def test_directional_mixing_in_a_siren_raises_siren(predictor, us8k):
     rises = [siren_probability((bg + s) / 2) > p
              for s in map(peak_normalised, sirens) for bg, p in zip(backgrounds, before,
                                                                       strict=True)]
+    # the count itself, for the decisions log (``pytest -rP`` shows it when the test passes)
+    print(f"siren rose in {sum(rises)} of {len(rises)} mixes ({predictor.precision})")
     assert len(rises) >= 40, "too few fold-3 sirens to judge a rate"
     assert sum(rises) / len(rises) >= 0.9, f"siren rose in {sum(rises)} of {len(rises)} mixes"
 
