@@ -29,7 +29,8 @@ DEFAULT_EPOCHS = 40
 #: name -> (TrainConfig changes, FeatureConfig changes) from ``BASE``, the log-mel recipe that
 #: served until PCEN won (its teachers: models/20261126T*); each variant names what it changes.
 #: "pcen-envelope" is today's default recipe.
-BASE: tuple[dict[str, Any], dict[str, Any]] = ({"envelope": False}, {"frontend": "logmel"})
+BASE: tuple[dict[str, Any], dict[str, Any]] = ({"envelope": False, "time_pool": "meanmax"},
+                                               {"frontend": "logmel"})
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "base": ({}, {}),
     "bands": ({"freq_pool": "bands"}, {}),

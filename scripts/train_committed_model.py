@@ -86,10 +86,10 @@ URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py
 #   for each of the six
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 REFIT_REPRODUCE = """git checkout {commit}   # the code that trained the refit students
-URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py pcen-envelope-all \\
+URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py {variant} \\
     --seeds {seeds} --teachers {teachers}
 .venv/bin/python scripts/train_committed_model.py --teachers {teachers} \\
-    --students var/trials/pcen-envelope-all-student-s{seed}.pt --spread ... --refit-verdict ...
+    --students var/trials/{variant}-student-s{seed}.pt --spread ... --refit-verdict ...
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 
 
@@ -107,7 +107,9 @@ def code_commit() -> str:
 
 def fit(args: argparse.Namespace, changes: dict[str, Any],
         teachers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    cfg = TrainConfig(**changes)
+    # the committed teachers and held-out students predate attention pooling (4 Dec): the
+    # mean head, so this script still trains what it committed
+    cfg = TrainConfig(**{"time_pool": "meanmax", **changes})
     return train(args.data, {3}, cfg, cache_dir=args.cache, version=registry.new_version_name(),
                  teachers=teachers).checkpoint
 
@@ -290,8 +292,10 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                f"{seed_of(served)}, declared before it ran{spread}. A refit has no validation "
                f"score for the gate; the rule declared for it (docs/trial-decisions.md) "
                f"decides instead: {refit_verdict}")
+        attention = served["data"]["train_config"].get("time_pool") == "attention"
         reproduce = REFIT_REPRODUCE.format(
             commit=commit, seed=seed_of(served),
+            variant="pcen-envelope-attention-all" if attention else "pcen-envelope-all",
             seeds=" ".join(str(seed_of(s)) for s in students),
             teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
     else:

@@ -271,7 +271,9 @@ class TrainConfig:
     distill_temperature: float = 2.0
     class_weighting: bool = True
     freq_pool: str = "mean"  # see FREQ_POOLS
-    time_pool: str = "meanmax"  # see TIME_POOLS
+    # see TIME_POOLS; the recipe's since 4 Dec (docs/trial-decisions.md: grouped macro-F1
+    # +0.006 over three seeds); recipes recorded before the option read back as "meanmax"
+    time_pool: str = "attention"
     envelope: bool = True  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
@@ -292,6 +294,15 @@ class TrainConfig:
             # both spellings: the CLI shows this message as its usage error
             raise ValueError("with no validation there is no best epoch to keep: keep the "
                              "whole schedule's final weights (--keep last; keep='last')")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A recipe as ``to_dict`` wrote it; one recorded before an option existed reads back
+        as what it trained (the mean head over time), not as today's default."""
+        known: dict[str, Any] = {k: (tuple(v) if k == "widths" else v)
+                                 for k, v in data.items() if k in cls.__dataclass_fields__}
+        known.setdefault("time_pool", "meanmax")
+        return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data, for checkpoints and cross-validation records (tuples as

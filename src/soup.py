@@ -39,10 +39,8 @@ def average_weights(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, tor
 def fine_tune_config(parent: Checkpoint, seed: int, epochs: int, lr: float) -> TrainConfig:
     """The parent's recipe with the soup's schedule: ``epochs`` of a one-cycle LR peaking at
     ``lr``, the final EMA weights kept (no early stopping: every ingredient runs as long)."""
-    recipe = dict(parent["data"]["train_config"])
-    recipe["widths"] = tuple(recipe["widths"])
-    return replace(TrainConfig(**recipe), epochs=epochs, lr=lr, seed=seed, keep="last",
-                   patience=epochs)
+    return replace(TrainConfig.from_dict(parent["data"]["train_config"]), epochs=epochs,
+                   lr=lr, seed=seed, keep="last", patience=epochs)
 
 
 def make_soup(parent: Checkpoint, train: Split, validation: Split, seeds: list[int],

@@ -231,6 +231,21 @@ def test_attention_pooling_starts_as_the_mean_and_weights_the_frames_it_scores(t
         AudioCNN(time_pool="median")
 
 
+def test_a_recipe_reads_back_as_it_trained():
+    """``TrainConfig.from_dict`` inverts ``to_dict``; a recipe recorded before attention pooling
+    was the default (no ``time_pool``) reads back as the mean head it trained, not as today's
+    default, so a soup of an older model fine-tunes it with its own recipe."""
+    from dataclasses import replace
+
+    from src.model import TrainConfig
+
+    cfg = replace(TrainConfig(), seed=7, widths=(8, 16, 32, 64))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig().time_pool == "attention"
+    old = {k: v for k, v in cfg.to_dict().items() if k != "time_pool"}
+    assert TrainConfig.from_dict({**old, "retired_option": 1}).time_pool == "meanmax"
+
+
 def test_checkpoints_from_before_front_ends_load_as_log_mel(committed_model):
     """The log-mel models published before the front end had a name (their feature config
     has no ``frontend`` key) still load, as one-channel log-mel models, and classify."""
