@@ -1,7 +1,8 @@
 """The CNN, how it is compiled and trained, and the one-file checkpoint it lives in.
 
 Shape of the network: four small conv blocks on a 64-band log-mel image, then pooling over
-frequency and a mean+max summary over time. Channels are kept narrow where the image is
+frequency and a summary over time: the max beside a mean, plain or attention-weighted
+(``TIME_POOLS``). Channels are kept narrow where the image is
 large (16, 32) and widened only after pooling (64, 128): most of the FLOPs of a plain VGG-ish
 net are spent in its first high-resolution layers, and narrowing them is what makes a 4-s clip
 cost ~100 MFLOP instead of ~1 GFLOP with little loss of accuracy.
