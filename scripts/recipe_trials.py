@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # source, which often sounds for only part of the clip
     "pcen-envelope-attention-all": ({"envelope": True, "keep": "last", "validation": 0.0,
                                      "time_pool": "attention"}, {"frontend": "logmel+pcen"}),
+    # the attention refit with skips over the last two stages' second convolution (Residual)
+    "pcen-envelope-attention-residual-all": ({"envelope": True, "keep": "last", "validation": 0.0,
+                                              "time_pool": "attention", "residual": True},
+                                             {"frontend": "logmel+pcen"}),
 }
 
 

@@ -62,6 +62,21 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
             nn.ReLU(inplace=True)]
 
 
+class Residual(nn.Module):
+    """A same-width convolution as a residual branch, ``relu(x + bn(conv(x)))`` (He et al.
+    2016): the layer learns a correction to its input instead of a whole new map, so the
+    deeper stages can keep what the stage's first convolution found. No parameters beyond the
+    plain layer's, and drawn in the same order, so a seed starts from the same weights."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn(self.conv(x)))
+
+
 class AudioCNN(nn.Module):
     """Waveform in, logits out: the front end is part of the model so serving cannot skip or
     reorder a preprocessing step."""
@@ -71,6 +86,7 @@ class AudioCNN(nn.Module):
         dropout: float = 0.3, config: FeatureConfig | None = None,
         mean: np.ndarray | None = None, std: np.ndarray | None = None,
         freq_pool: str = "mean", envelope: bool = False, time_pool: str = "meanmax",
+        residual: bool = False,
     ):
         super().__init__()
         if freq_pool not in FREQ_POOLS:
@@ -87,11 +103,16 @@ class AudioCNN(nn.Module):
             std if std is not None else np.ones(shape, np.float32),
         )
         w1, w2, w3, w4 = widths
+
+        def same_width(w: int) -> list[nn.Module]:
+            """The second convolution of the last two stages, plain or with its skip."""
+            return [Residual(w)] if residual else conv_bn(w, w)
+
         self.body = nn.Sequential(
             *conv_bn(self.config.n_channels, w1), nn.MaxPool2d(2),
             *conv_bn(w1, w2), nn.MaxPool2d(2),
-            *conv_bn(w2, w3), *conv_bn(w3, w3), nn.MaxPool2d(2),
-            *conv_bn(w3, w4), *conv_bn(w4, w4),
+            *conv_bn(w2, w3), *same_width(w3), nn.MaxPool2d(2),
+            *conv_bn(w3, w4), *same_width(w4),
         )
         self.dropout = nn.Dropout(dropout)
         bands = n_mels // 8 if freq_pool == "bands" else 1  # three 2x2 max-pools
@@ -145,6 +166,10 @@ class AudioCNN(nn.Module):
     def time_pool(self) -> str:
         return "meanmax" if self.attention is None else "attention"
 
+    @property
+    def residual(self) -> bool:
+        return any(isinstance(m, Residual) for m in self.body)
+
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(waveforms))
 
@@ -158,6 +183,7 @@ def build_model(ckpt: Checkpoint) -> AudioCNN:
         freq_pool=ckpt["arch"].get("freq_pool", "mean"),  # older checkpoints: the mean head
         envelope=ckpt["arch"].get("envelope", False),
         time_pool=ckpt["arch"].get("time_pool", "meanmax"),  # older checkpoints: the mean
+        residual=ckpt["arch"].get("residual", False),  # older checkpoints: plain convolutions
     )
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -183,6 +209,7 @@ def make_checkpoint(
             "freq_pool": model.freq_pool,
             "envelope": model.envelope is not None,
             "time_pool": model.time_pool,
+            "residual": model.residual,
         },
         "norm_mean": model.standardise.mean.flatten().tolist(),
         "norm_std": model.standardise.std.flatten().tolist(),
@@ -195,7 +222,7 @@ def make_checkpoint(
 
 
 def _widths(model: AudioCNN) -> list[int]:
-    convs = [m.out_channels for m in model.body if isinstance(m, nn.Conv2d)]
+    convs = [m.out_channels for m in model.body.modules() if isinstance(m, nn.Conv2d)]
     return [convs[0], convs[1], convs[2], convs[4]]
 
 
@@ -275,6 +302,7 @@ class TrainConfig:
     # see TIME_POOLS; the recipe's since 4 Dec (docs/trial-decisions.md: grouped macro-F1
     # +0.006 over three seeds); recipes recorded before the option read back as "meanmax"
     time_pool: str = "attention"
+    residual: bool = False  # see Residual: skips over the last two stages' second convolution
     envelope: bool = True  # see AudioCNN: the head also sees the band envelope
     eq_std: float = 0.3  # SpecAugment's random equaliser (standardised units); 0 = off
     band_shift: int = 2  # SpecAugment's random shift by up to this many mel bands
@@ -512,4 +540,5 @@ def new_model(train_x: torch.Tensor, cfg: TrainConfig, config: FeatureConfig) ->
     # cross-validation resumed mid-way did not train the folds it would have.
     torch.manual_seed(cfg.seed)
     return AudioCNN(widths=cfg.widths, dropout=cfg.dropout, config=config, mean=mean, std=std,
-                    freq_pool=cfg.freq_pool, envelope=cfg.envelope, time_pool=cfg.time_pool)
+                    freq_pool=cfg.freq_pool, envelope=cfg.envelope, time_pool=cfg.time_pool,
+                    residual=cfg.residual)

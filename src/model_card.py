@@ -16,6 +16,7 @@ from .preprocessing import channel_names
 POOLING = {"bands": "; a head that keeps each frequency band instead of averaging them"}
 ENVELOPE = "; the head also sees each band's mean and spread over time"
 ATTENTION = "; frames are averaged with learned attention weights"
+RESIDUAL = "; the last two stages' second convolutions are residual"
 
 
 def describe_frontend(frontend: str) -> str:
@@ -139,7 +140,8 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         f"{arch['name']} ({n_params:,} parameters; conv widths {arch['widths']}, dropout "
         f"{arch['dropout']}{POOLING.get(arch.get('freq_pool', 'mean'), '')}"
         f"{ENVELOPE if arch.get('envelope') else ''}"
-        f"{ATTENTION if arch.get('time_pool') == 'attention' else ''})"
+        f"{ATTENTION if arch.get('time_pool') == 'attention' else ''}"
+        f"{RESIDUAL if arch.get('residual') else ''})"
         f" classifying 4-second clips into the ten UrbanSound8K classes from "
         f"{cfg['n_mels']}-band {describe_frontend(cfg.get('frontend', 'logmel'))} "
         f"({cfg['sample_rate']} Hz, FFT {cfg['n_fft']}, "

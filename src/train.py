@@ -188,7 +188,7 @@ def retrain(
                       widths=tuple(base["arch"]["widths"]), dropout=base["arch"]["dropout"],
                       # the head as build_model read it (older checkpoints: its defaults)
                       freq_pool=model.freq_pool, envelope=model.envelope is not None,
-                      time_pool=model.time_pool,
+                      time_pool=model.time_pool, residual=model.residual,
                       batch_size=batch_size)
     teacher = (Teachers([build_model(base)], model, cfg.distill_temperature)
                if learn_without_forgetting else None)

@@ -231,6 +231,46 @@ def test_attention_pooling_starts_as_the_mean_and_weights_the_frames_it_scores(t
         AudioCNN(time_pool="median")
 
 
+def test_residual_stages_add_their_input_and_survive_a_checkpoint(tmp_path):
+    """The residual body draws the plain body's initial weights for a seed (the trial changes
+    the skips, nothing else), adds each skipped layer's input to its output, reports its
+    widths as the plain one does, serves as the eager model computes in float32 and
+    bfloat16's body, and a checkpoint from before the option loads as plain convolutions."""
+    from src.model import AudioCNN, Residual, make_checkpoint
+
+    x = torch.randn(3, FeatureConfig().n_samples) * 0.1
+    torch.manual_seed(0)
+    plain = AudioCNN(envelope=True, time_pool="attention").eval()
+    torch.manual_seed(0)
+    res = AudioCNN(envelope=True, time_pool="attention", residual=True).eval()
+    assert res.residual and not plain.residual
+    assert [p.shape for p in res.parameters()] == [p.shape for p in plain.parameters()]
+    for a, b in zip(res.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        assert not torch.allclose(res(x), plain(x))  # the skips change what the body computes
+
+    block = Residual(4).eval()
+    with torch.inference_mode():
+        block.conv.weight.zero_()  # no branch: the block passes its (non-negative) input on
+        h = torch.rand(2, 4, 5, 6)
+        torch.testing.assert_close(block(h), h)
+        torch.testing.assert_close(block(-h), torch.zeros_like(h))
+
+    ckpt = make_checkpoint(res, CLASSES, "res-1", None, {}, {})
+    assert ckpt["arch"]["residual"] is True and ckpt["arch"]["widths"] == [16, 32, 64, 128]
+    loaded = build_model(load_checkpoint(save_checkpoint(ckpt, tmp_path / "m.pt")))
+    assert loaded.residual
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), res(x))
+    eager = Predictor(ckpt, optimise=False).probabilities(x[:2].numpy())
+    np.testing.assert_allclose(Predictor(ckpt, precision="float32").probabilities(x[:2].numpy()),
+                               eager, atol=1e-4)
+    old = make_checkpoint(plain, CLASSES, "old-1", None, {}, {})
+    old["arch"].pop("residual")
+    assert not build_model(old).residual
+
+
 def test_a_recipe_reads_back_as_it_trained():
     """``TrainConfig.from_dict`` inverts ``to_dict``; a recipe recorded before attention pooling
     was the default (no ``time_pool``) reads back as the mean head it trained, not as today's

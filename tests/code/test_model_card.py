@@ -55,8 +55,11 @@ def test_card_says_which_front_end_and_head_the_model_has(quick_model):
     assert "log-mel and PCEN (per-channel energy normalised) spectrograms" in card
     assert "the head also sees each band's mean and spread over time" in card
     assert "attention" not in card
+    assert "residual" not in card
     ckpt["arch"]["time_pool"] = "attention"
     assert "frames are averaged with learned attention weights" in render(ckpt)
+    ckpt["arch"]["residual"] = True
+    assert "second convolutions are residual" in render(ckpt)
 
 
 def test_card_says_a_soup_is_one(quick_model):
