@@ -20,7 +20,15 @@ import typer
 
 from ..settings import get_settings
 from . import analyze, crossval, data, ops, stack, web, worker
-from .common import KEEP_HELP, VALIDATION_HELP, friendly_errors, print_json, with_choices
+from .common import (
+    KEEP_HELP,
+    RESIDUAL_HELP,
+    TIME_POOL_HELP,
+    VALIDATION_HELP,
+    friendly_errors,
+    print_json,
+    with_choices,
+)
 
 app = typer.Typer(
     help="urbansound: classify urban sounds, serve the model, keep it fresh.",
@@ -59,6 +67,8 @@ def train(
     envelope: bool = typer.Option(None, "--envelope/--no-envelope",
                                   help="The head also sees each band's mean and spread "
                                   "(default: on)."),
+    time_pool: str = typer.Option(None, "--time-pool", help=TIME_POOL_HELP),
+    residual: bool = typer.Option(None, "--residual/--no-residual", help=RESIDUAL_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a model from scratch, evaluate it on the held-out test clips and register it."""
@@ -72,9 +82,7 @@ def train(
         raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
                       distill_weight=distill_weight)
-    if envelope is not None:  # unset: the recipe's default, kept in one place (TrainConfig)
-        cfg.envelope = envelope
-    cfg = with_choices(cfg, keep, validation)
+    cfg = with_choices(cfg, keep, validation, time_pool, residual, envelope)
     data = data or ensure_default_data()  # after the checks: a usage error writes nothing
     version = registry.new_version_name()
     config = FeatureConfig(frontend=frontend) if frontend else FeatureConfig()

@@ -77,16 +77,31 @@ VALIDATION_HELP = ("Share of the training side's recordings held out for early s
                    "trains on all of them (a refit, which needs --keep last). Default: 0.15.")
 
 
-def with_choices(cfg: TrainConfig, keep: str | None, validation: float | None) -> TrainConfig:
-    """``cfg`` with ``--keep`` and ``--validation`` where given, checked together (no held-out
-    clips leave no best epoch to keep), so a bad pair is a usage error before any training."""
+TIME_POOL_HELP = ("How the head summarises time beside the max: attention (a learned weighting "
+                  "of the frames) or meanmax (their plain mean). Default: attention.")
+RESIDUAL_HELP = ("Skips over the last two stages' same-width convolution (residual blocks). "
+                 "Default: off.")
+
+
+def with_choices(cfg: TrainConfig, keep: str | None = None, validation: float | None = None,
+                 time_pool: str | None = None, residual: bool | None = None,
+                 envelope: bool | None = None) -> TrainConfig:
+    """``cfg`` with the recipe options given on the command line (unset: TrainConfig's
+    default, kept in one place), checked together (no held-out clips leave no best epoch to
+    keep), so a bad choice is a usage error before any training."""
     from dataclasses import replace
 
+    from ..model import TIME_POOLS
+
     changes: dict[str, Any] = {}
-    if keep is not None:  # unset: TrainConfig's default
+    if keep is not None:
         changes["keep"] = checked_keep(keep)
-    if validation is not None:
-        changes["validation"] = validation
+    if time_pool is not None:
+        if time_pool not in TIME_POOLS:
+            raise typer.BadParameter(f"--time-pool must be one of {', '.join(TIME_POOLS)}")
+        changes["time_pool"] = time_pool
+    given = {"validation": validation, "residual": residual, "envelope": envelope}
+    changes.update({k: v for k, v in given.items() if v is not None})
     try:
         return replace(cfg, **changes)
     except ValueError as exc:

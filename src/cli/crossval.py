@@ -14,7 +14,15 @@ from typing import Any
 import typer
 
 from ..settings import get_settings
-from .common import KEEP_HELP, VALIDATION_HELP, friendly_errors, print_json, with_choices
+from .common import (
+    KEEP_HELP,
+    RESIDUAL_HELP,
+    TIME_POOL_HELP,
+    VALIDATION_HELP,
+    friendly_errors,
+    print_json,
+    with_choices,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +42,8 @@ def crossval(
     keep: str = typer.Option(None, help=KEEP_HELP),
     validation: float = typer.Option(None, help=VALIDATION_HELP),
     seed: int = typer.Option(0),
+    time_pool: str = typer.Option(None, "--time-pool", help=TIME_POOL_HELP),
+    residual: bool = typer.Option(None, "--residual/--no-residual", help=RESIDUAL_HELP),
     json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     fresh: bool = typer.Option(False, "--fresh", help="Recompute folds finished before."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -45,7 +55,7 @@ def crossval(
 
     settings = get_settings()
     cfg = TrainConfig(epochs=epochs, patience=patience, seed=seed)
-    cfg = with_choices(cfg, keep, validation)
+    cfg = with_choices(cfg, keep, validation, time_pool, residual)
     say = (lambda _row: None) if json or quiet else _fold_line
     summary = official(data, folds or None, cfg, cache_dir=settings.cache_dir,
                        state_dir=settings.state_dir, progress=not quiet, fresh=fresh,

@@ -128,10 +128,12 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     assert teacher["data"]["train_config"]["keep"] == "best"
     proc = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
                "--frontend", "logmel", "--no-envelope", "--keep", "last", "--validation", "0",
-               env=env)
+               "--time-pool", "meanmax", "--residual", env=env)
     assert proc.returncode == 0, proc.stderr
     plain = load_checkpoint(registry.current(tmp_path / "models")[1])
     assert plain["feature_config"]["frontend"] == "logmel" and not plain["arch"]["envelope"]
+    assert plain["arch"]["time_pool"] == "meanmax" and plain["arch"]["residual"]
+    assert teacher["arch"]["time_pool"] == "attention" and not teacher["arch"]["residual"]
     assert plain["data"]["train_config"]["keep"] == "last"
     # a refit trains on the clips the others held out for validation, and validates on none
     assert plain["data"]["validation"]["n"] == 0 and plain["history"][-1]["val_f1"] is None
@@ -153,6 +155,9 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     wrong_keep = run("train", "--data", str(synthetic_data), "--keep", "first", env=env)
     assert_one_line_error(wrong_keep)
     assert "--keep must be one of best, last" in wrong_keep.stderr
+    wrong_pool = run("train", "--data", str(synthetic_data), "--time-pool", "median", env=env)
+    assert_one_line_error(wrong_pool)
+    assert "--time-pool must be one of meanmax, attention" in wrong_pool.stderr
 
 
 def test_a_closed_pipe_ends_the_command_at_once_and_quietly(model_file, us8k):

@@ -75,7 +75,8 @@ def test_official_runs_each_fold_saves_it_and_resumes(folded, tmp_path, monkeypa
 def test_crossval_command_prints_one_json_object(folded, isolated_settings):
     proc = subprocess.run(
         [str(BIN), "crossval", "--data", str(folded), "--folds", "2", "--folds", "10",
-         "--epochs", "1", "--keep", "last", "--validation", "0", "--json"],
+         "--epochs", "1", "--keep", "last", "--validation", "0", "--time-pool", "meanmax",
+         "--residual", "--json"],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, "URBANSOUND_TORCH_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -86,6 +87,7 @@ def test_crossval_command_prints_one_json_object(folded, isolated_settings):
             "confusion_matrix", "classes", "n"} <= set(out)
     assert [r["fold"] for r in out["per_fold"]] == ["fold2", "fold10"]
     assert out["train_config"]["keep"] == "last" and out["train_config"]["validation"] == 0
+    assert out["train_config"]["time_pool"] == "meanmax" and out["train_config"]["residual"]
     assert all(r["n_validation"] == 0 for r in out["per_fold"])  # a refit in every fold
     assert Path(out["results_dir"]).is_relative_to(isolated_settings.state_dir)
     assert "cross-validation" in proc.stderr  # the progress bar, kept off stdout
