@@ -59,6 +59,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # source, which often sounds for only part of the clip
     "pcen-envelope-attention-all": ({"envelope": True, "keep": "last", "validation": 0.0,
                                      "time_pool": "attention"}, {"frontend": "logmel+pcen"}),
+    # the attention refit with lighter regularisation: dropout 0.3 -> 0.1, mixup on a quarter
+    # of the batches instead of half (the mirror image of "regular", which lost 0.05 on fold 3)
+    "pcen-envelope-attention-light-all": ({"envelope": True, "keep": "last", "validation": 0.0,
+                                           "time_pool": "attention", "dropout": 0.1,
+                                           "mixup_prob": 0.25}, {"frontend": "logmel+pcen"}),
     # the attention refit with skips over the last two stages' second convolution (Residual)
     "pcen-envelope-attention-residual-all": ({"envelope": True, "keep": "last", "validation": 0.0,
                                               "time_pool": "attention", "residual": True},
@@ -84,7 +89,6 @@ def run_label(name: str, epochs: int, student: bool = False) -> str:
 
 
 def record(row: dict[str, Any]) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))
@@ -208,6 +212,8 @@ def main() -> None:
                         help="paired differences B - A, seed by seed (recorded labels, e.g. "
                         "pcen-envelope pcen-envelope-last)")
     args = parser.parse_args()
+    # before any run: a grouped run writes its summary only once its last fold has trained
+    OUT.mkdir(parents=True, exist_ok=True)
     if args.compare:
         compare(*args.compare)
         return
