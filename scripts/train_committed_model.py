@@ -293,11 +293,15 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                f"score for the gate; the rule declared for it (docs/trial-decisions.md) "
                f"decides instead: {refit_verdict}")
         attention = served["data"]["train_config"].get("time_pool") == "attention"
+        variant = "pcen-envelope-attention-all" if attention else "pcen-envelope-all"
         reproduce = REFIT_REPRODUCE.format(
-            commit=commit, seed=seed_of(served),
-            variant="pcen-envelope-attention-all" if attention else "pcen-envelope-all",
+            commit=commit, seed=seed_of(served), variant=variant,
             seeds=" ".join(str(seed_of(s)) for s in students),
             teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
+        if validation:  # the section's summary: var/trials/{variant}-grouped3-s{seed}.json
+            reproduce += (f"\nURBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
+                          f"{variant} --protocol grouped --seeds "
+                          f"{validation['train_config']['seed']}   # the validation protocol")
     else:
         why = (f"Served: the best validation macro-F1 of the weights kept (inside the training "
                f"folds) of {candidates} students and {len(plain)} runs without teachers, chosen "

@@ -63,11 +63,14 @@ def validation_section(summary: dict[str, Any]) -> list[str]:
     else:
         used = (f"recording-grouped, class-stratified folds over the training folds only "
                 f"(test fold(s) {summary.get('excluded_folds')} never read)")
+    # one seed's folds: the spread below is over folds, not seeds
+    seed = (f", seed {summary['train_config']['seed']}"
+            if "seed" in summary.get("train_config", {}) else "")
     lines = [
         f"## Validation protocol ({summary['protocol']})",
         "",
-        f"The recipe (not this network: each fold trains its own) on `{summary['data']}`: "
-        f"{used}; {summary['n']} clips scored in all.",
+        f"The recipe (not this network: each fold trains its own{seed}) on "
+        f"`{summary['data']}`: {used}; {summary['n']} clips scored in all.",
         "",
         f"accuracy **{summary['accuracy_mean']:.3f} ± {summary['accuracy_std']:.3f}**, "
         f"macro-F1 **{summary['macro_f1_mean']:.3f} ± {summary['macro_f1_std']:.3f}** "

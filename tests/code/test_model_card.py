@@ -74,3 +74,20 @@ def test_card_says_a_soup_is_one(quick_model):
     ckpt["data"]["soup"]["ingredient_val_f1"] = [None, None, None]
     card = render(ckpt)
     assert "no validation: a refit" in card and "validation macro-F1 0.000" not in card
+
+
+def test_card_reports_the_validation_protocol_with_its_spread_and_folds(quick_model):
+    """The issue's card: the recipe's grouped cross-validation figures with their spread, one
+    row per fold, the seed, and which folds it used (the test fold never read)."""
+    summary = {"protocol": "grouped 3-fold", "data": "../shared/us8k", "excluded_folds": [3],
+               "n": 30, "accuracy_mean": 0.6, "accuracy_std": 0.1, "macro_f1_mean": 0.55,
+               "macro_f1_std": 0.05, "train_config": {"seed": 2},
+               "per_fold": [{"fold": f"group{i}", "n": 10, "accuracy": 0.5 + i / 20,
+                             "macro_f1": 0.5 + i / 40} for i in (1, 2, 3)]}
+    card = render(quick_model.checkpoint, validation=summary)
+    assert "## Validation protocol (grouped 3-fold)" in card
+    assert "each fold trains its own, seed 2) on `../shared/us8k`" in card
+    assert "test fold(s) [3] never read" in card and "30 clips scored in all" in card
+    assert "accuracy **0.600 ± 0.100**, macro-F1 **0.550 ± 0.050**" in card
+    assert "| group2 | 10 | 0.600 | 0.550 |" in card
+    assert "Validation protocol" not in render(quick_model.checkpoint)
