@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -319,6 +319,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.validation < 1:
             raise ValueError(f"validation must be in [0, 1), not {self.validation}")
+        # choices in both spellings: the CLI shows these messages as its usage errors
+        for option, value, choices in (("keep", self.keep, get_args(Keep)),
+                                       ("time-pool", self.time_pool, TIME_POOLS)):
+            if value not in choices:
+                raise ValueError(f"--{option} must be one of {', '.join(choices)} "
+                                 f"({option.replace('-', '_')}={value!r})")
         if self.validation == 0 and self.keep == "best":
             # both spellings: the CLI shows this message as its usage error
             raise ValueError("with no validation there is no best epoch to keep: keep the "

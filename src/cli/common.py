@@ -6,14 +6,14 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast, get_args
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
 from ..errors import UserError, one_line
 
 if TYPE_CHECKING:
-    from ..model import Keep, TrainConfig
+    from ..model import TrainConfig
 
 __all__ = ["UserError", "fail", "friendly_errors", "print_json"]
 
@@ -62,17 +62,6 @@ KEEP_HELP = ("Weights a run ends with: best (the best validation epoch's; stops 
              "weights). Default: best.")
 
 
-def checked_keep(keep: str) -> Keep:
-    """``--keep`` checked against ``TrainConfig``'s own choices, so the list lives in one
-    place; imported here, not at the top, because ``model`` loads torch and only the commands
-    that train should pay for that."""
-    from ..model import Keep
-
-    if keep not in get_args(Keep):
-        raise typer.BadParameter(f"--keep must be one of {', '.join(get_args(Keep))}")
-    return cast("Keep", keep)
-
-
 VALIDATION_HELP = ("Share of the training side's recordings held out for early stopping; 0 "
                    "trains on all of them (a refit, which needs --keep last). Default: 0.15.")
 
@@ -87,21 +76,13 @@ def with_choices(cfg: TrainConfig, keep: str | None = None, validation: float | 
                  time_pool: str | None = None, residual: bool | None = None,
                  envelope: bool | None = None) -> TrainConfig:
     """``cfg`` with the recipe options given on the command line (unset: TrainConfig's
-    default, kept in one place), checked together (no held-out clips leave no best epoch to
-    keep), so a bad choice is a usage error before any training."""
+    default, kept in one place). TrainConfig checks them, together (no held-out clips leave no
+    best epoch to keep), so a bad choice is a usage error before any training."""
     from dataclasses import replace
 
-    from ..model import TIME_POOLS
-
-    changes: dict[str, Any] = {}
-    if keep is not None:
-        changes["keep"] = checked_keep(keep)
-    if time_pool is not None:
-        if time_pool not in TIME_POOLS:
-            raise typer.BadParameter(f"--time-pool must be one of {', '.join(TIME_POOLS)}")
-        changes["time_pool"] = time_pool
-    given = {"validation": validation, "residual": residual, "envelope": envelope}
-    changes.update({k: v for k, v in given.items() if v is not None})
+    given = {"keep": keep, "validation": validation, "time_pool": time_pool,
+             "residual": residual, "envelope": envelope}
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
         return replace(cfg, **changes)
     except ValueError as exc:
