@@ -47,6 +47,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "envelope": ({"envelope": True}, {}),
     "pcen-envelope": ({"envelope": True}, {"frontend": "logmel+pcen"}),
     "pcen-envelope-last": ({"envelope": True, "keep": "last"}, {"frontend": "logmel+pcen"}),
+    # the teachers' configurations with today's attention head (15% held out, best epoch),
+    # and the served recipe with 15% held out (final weights): a student of either line of
+    # teachers is judged on the validation split, which no teacher has seen
+    "pcen-attention": ({"time_pool": "attention"}, {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention": ({"envelope": True, "time_pool": "attention"},
+                                {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention-last": ({"envelope": True, "keep": "last", "time_pool": "attention"},
+                                     {"frontend": "logmel+pcen"}),
     "mels128": ({}, {"n_mels": 128, "n_fft": 2048}),
     # a refit: the recipe trained on the whole training side, the held-out 15% included
     "pcen-envelope-all": ({"envelope": True, "keep": "last", "validation": 0.0},
@@ -81,11 +89,12 @@ def configs(name: str, seed: int, epochs: int):
     return cfg, replace(FeatureConfig(), **feature_changes)
 
 
-def run_label(name: str, epochs: int, student: bool = False) -> str:
-    """A student, or a schedule other than the default, is its own row in the table (and its
-    own file under var/trials/), on either protocol."""
+def run_label(name: str, epochs: int, student: bool = False, tag: str = "") -> str:
+    """A student, a schedule other than the default, or a tagged run (students of another
+    line of teachers) is its own row in the table (and its own file under var/trials/), on
+    either protocol."""
     return (f"{name}-student" if student else name) + (
-        f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "")
+        f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "") + (f"-{tag}" if tag else "")
 
 
 def record(row: dict[str, Any]) -> None:
@@ -100,13 +109,13 @@ def log_epoch(r: dict[str, Any]) -> None:
 
 
 def run_fold3(name: str, seed: int, epochs: int, cache: Path,
-              teachers: list[Path] | None = None) -> None:
+              teachers: list[Path] | None = None, tag: str = "") -> None:
     from src.model import kept_val_f1, load_checkpoint, save_checkpoint
     from src.train import train
 
     cfg, config = configs(name, seed, epochs)
     start = time.time()
-    label = run_label(name, epochs, bool(teachers))
+    label = run_label(name, epochs, bool(teachers), tag)
     result = train(US8K, {3}, cfg, config, cache_dir=cache, version=f"{label}-s{seed}",
                    progress=False, on_epoch=log_epoch,
                    teachers=[load_checkpoint(t) for t in teachers or []] or None)
@@ -148,8 +157,9 @@ def recorded() -> dict[tuple[str, str, int], dict[str, Any]]:
 
 
 def score(run: dict[str, Any], key: str) -> float:
-    """``accuracy`` or ``macro_f1`` of a run: fold 3's, or the grouped protocol's mean."""
-    return float(run[key if run["protocol"] == "fold3" else f"{key}_mean"])
+    """``accuracy`` or ``macro_f1`` of a run: fold 3's, or the grouped protocol's mean;
+    ``kept_val_f1``: the validation macro-F1 of a fold-3 run's saved weights."""
+    return float(run[key if run["protocol"] == "fold3" or key == "kept_val_f1" else f"{key}_mean"])
 
 
 def report() -> None:
@@ -167,16 +177,17 @@ def report() -> None:
               f"{', '.join(f'{a:.3f}/{f:.3f}' for a, f in zip(accs, f1s, strict=True))}")
 
 
-def compare(a: str, b: str) -> None:
+def compare(a: str, b: str, keys: tuple[str, ...] = ("accuracy", "macro_f1")) -> None:
     """Paired differences, ``b`` minus ``a``: the same seed (and, on the grouped protocol, the
     same folds) on both sides, so the seed's and the split's luck cancel; the judge for rules
     like those in docs/trial-decisions.md. Each protocol is summarised on its own."""
     latest = recorded()
-    protocols = sorted({p for v, p, seed in latest if v == b and (a, p, seed) in latest})
+    protocols = sorted({p for v, p, seed in latest if v == b and (a, p, seed) in latest
+                        and ("kept_val_f1" not in keys or p == "fold3")})
     if not protocols:
         raise SystemExit(f"no seed ran under both {a} and {b} on one protocol")
     for protocol in protocols:
-        diffs: dict[str, list[float]] = {"accuracy": [], "macro_f1": []}
+        diffs: dict[str, list[float]] = {key: [] for key in keys}
         for seed in sorted(s for v, p, s in latest if v == b and p == protocol):
             if (a, protocol, seed) not in latest:
                 continue
@@ -211,18 +222,24 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
                         help="paired differences B - A, seed by seed (recorded labels, e.g. "
                         "pcen-envelope pcen-envelope-last)")
+    parser.add_argument("--validation", action="store_true",
+                        help="with --compare: the kept weights' validation macro-F1 (a gate "
+                        "that reads validation only) instead of the test scores")
+    parser.add_argument("--tag", default="", help="fold3: a suffix naming the run's line "
+                        "(students of other teachers), so its file and row are its own")
     args = parser.parse_args()
     # before any run: a grouped run writes its summary only once its last fold has trained
     OUT.mkdir(parents=True, exist_ok=True)
     if args.compare:
-        compare(*args.compare)
+        compare(*args.compare, keys=("kept_val_f1",) if args.validation else
+                ("accuracy", "macro_f1"))
         return
     if args.report or not args.variant:
         report()
         return
     for seed in args.seeds:
         if args.protocol == "fold3":
-            run_fold3(args.variant, seed, args.epochs, args.cache, args.teachers)
+            run_fold3(args.variant, seed, args.epochs, args.cache, args.teachers, args.tag)
         else:
             run_grouped(args.variant, seed, args.epochs, args.k, args.cache)
 
