@@ -89,6 +89,24 @@ def configs(name: str, seed: int, epochs: int):
     return cfg, replace(FeatureConfig(), **feature_changes)
 
 
+def variant_of(ckpt: dict[str, Any]) -> str:
+    """The variant that trains a checkpoint's recipe, for a card's Reproduce block: the first
+    in ``VARIANTS`` (the order they were added) that agrees with every field the checkpoint
+    recorded. Older checkpoints recorded fewer fields; what they lack did not exist yet, so
+    the oldest variant that agrees is the one that trained them."""
+    from src.model import TrainConfig
+
+    recorded = {k: v for k, v in TrainConfig.from_dict(ckpt["data"]["train_config"]).to_dict()
+                .items() if k in ckpt["data"]["train_config"]}  # widths: a list either way
+    features = ckpt["feature_config"]
+    for name in VARIANTS:
+        cfg, config = configs(name, recorded["seed"], recorded["epochs"])
+        if (all(v == recorded[k] for k, v in cfg.to_dict().items() if k in recorded)
+                and all(v == features[k] for k, v in config.to_dict().items() if k in features)):
+            return name
+    raise ValueError(f"no variant of scripts/recipe_trials.py trains {ckpt['version']}")
+
+
 def run_label(name: str, epochs: int, student: bool = False, tag: str = "") -> str:
     """A student, a schedule other than the default, or a tagged run (students of another
     line of teachers) is its own row in the table (and its own file under var/trials/), on

@@ -55,6 +55,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from recipe_trials import DEFAULT_EPOCHS, variant_of  # scripts/, beside this one
+
 from src import registry
 from src.model import TrainConfig, is_refit, kept_val_f1, load_checkpoint, save_checkpoint
 from src.model_card import render
@@ -86,6 +88,7 @@ URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py
 #   for each of the six
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 REFIT_REPRODUCE = """git checkout {commit}   # the code that trained the refit students
+{teacher_runs}
 URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py {variant} \\
     --seeds {seeds} --teachers {teachers}
 .venv/bin/python scripts/train_committed_model.py --teachers {teachers} \\
@@ -274,6 +277,17 @@ def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) ->
             "decided it was written before the line ran: docs/trial-decisions.md."]
 
 
+def trial_command(version: str, models: Path) -> str:
+    """The ``recipe_trials.py`` run that trains a published teacher again (its file under
+    var/trials/ is what ``--teachers`` then takes, in place of models/VERSION.pt)."""
+    ckpt = load_checkpoint(registry.version_path(version, models))
+    epochs = ckpt["data"]["train_config"]["epochs"]
+    return (f"URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
+            f"{variant_of(ckpt)} --seeds {seed_of(ckpt)}"
+            + (f" --epochs {epochs}" if epochs != DEFAULT_EPOCHS else "")
+            + f"   # the recipe of the teacher {version}")
+
+
 def seed_row(run: dict[str, Any]) -> dict[str, Any]:
     """One row of the card's seed table."""
     return {"seed": seed_of(run), "version": run["version"],
@@ -292,10 +306,10 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                f"{seed_of(served)}, declared before it ran{spread}. A refit has no validation "
                f"score for the gate; the rule declared for it (docs/trial-decisions.md) "
                f"decides instead: {refit_verdict}")
-        attention = served["data"]["train_config"].get("time_pool") == "attention"
-        variant = "pcen-envelope-attention-all" if attention else "pcen-envelope-all"
+        variant = variant_of(served)
         reproduce = REFIT_REPRODUCE.format(
             commit=commit, seed=seed_of(served), variant=variant,
+            teacher_runs="\n".join(trial_command(t, models) for t in served["data"]["teachers"]),
             seeds=" ".join(str(seed_of(s)) for s in students),
             teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
         if validation:  # the section's summary: var/trials/{variant}-grouped3-s{seed}.json
