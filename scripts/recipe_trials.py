@@ -222,7 +222,7 @@ def compare(a: str, b: str, keys: tuple[str, ...] = ("accuracy", "macro_f1")) ->
                   + (f"  per split accuracy {per_split}" if per_split else ""))
         for key, values in diffs.items():
             spread = f" ± {statistics.stdev(values):.3f} (sd)" if len(values) > 1 else ""
-            print(f"{protocol}: mean {key} difference {statistics.mean(values):+.3f}{spread} "
+            print(f"{protocol}: mean {key} difference {statistics.mean(values):+.4f}{spread} "
                   f"over {len(values)} seed(s); lowest {min(values):+.3f}")
 
 
