@@ -47,14 +47,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "envelope": ({"envelope": True}, {}),
     "pcen-envelope": ({"envelope": True}, {"frontend": "logmel+pcen"}),
     "pcen-envelope-last": ({"envelope": True, "keep": "last"}, {"frontend": "logmel+pcen"}),
-    # the teachers' configurations with today's attention head (15% held out, best epoch),
-    # and the served recipe with 15% held out (final weights): a student of either line of
-    # teachers is judged on the validation split, which no teacher has seen
-    "pcen-attention": ({"time_pool": "attention"}, {"frontend": "logmel+pcen"}),
-    "pcen-envelope-attention": ({"envelope": True, "time_pool": "attention"},
-                                {"frontend": "logmel+pcen"}),
-    "pcen-envelope-attention-last": ({"envelope": True, "keep": "last", "time_pool": "attention"},
-                                     {"frontend": "logmel+pcen"}),
     "mels128": ({}, {"n_mels": 128, "n_fft": 2048}),
     # a refit: the recipe trained on the whole training side, the held-out 15% included
     "pcen-envelope-all": ({"envelope": True, "keep": "last", "validation": 0.0},
@@ -76,6 +68,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pcen-envelope-attention-residual-all": ({"envelope": True, "keep": "last", "validation": 0.0,
                                               "time_pool": "attention", "residual": True},
                                              {"frontend": "logmel+pcen"}),
+    # the teachers' configurations with today's attention head (15% held out, best epoch),
+    # and the served recipe with 15% held out (final weights): a student of either line of
+    # teachers is judged on the validation split, which no teacher has seen
+    "pcen-attention": ({"time_pool": "attention"}, {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention": ({"envelope": True, "time_pool": "attention"},
+                                {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention-last": ({"envelope": True, "keep": "last", "time_pool": "attention"},
+                                     {"frontend": "logmel+pcen"}),
 }
 
 

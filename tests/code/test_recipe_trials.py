@@ -1,0 +1,58 @@
+"""scripts/recipe_trials.py names the run that trains a checkpoint (``variant_of``): the model
+card's Reproduce block prints it, so a wrong name sends a reader to train another recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "recipe_trials.py"
+
+
+@pytest.fixture(scope="module")
+def trials():
+    spec = importlib.util.spec_from_file_location("recipe_trials", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def checkpoint(trials, name: str, seed: int = 3, epochs: int = 40,
+               drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint's record of the recipe ``name`` trains, less the fields in ``drop`` (what
+    a checkpoint written before those options existed lacks)."""
+    cfg, config = trials.configs(name, seed, epochs)
+    recorded = {k: v for k, v in cfg.to_dict().items() if k not in drop}
+    return {"version": f"{name}-s{seed}", "feature_config": config.to_dict(),
+            "data": {"train_config": recorded}}
+
+
+@pytest.mark.parametrize("name", ["pcen-envelope-attention-all", "pcen-attention",
+                                  "pcen-envelope-attention-last", "pcen-envelope-all",
+                                  "pcen-envelope-attention-residual-all"])
+def test_a_checkpoint_names_the_variant_that_trained_it(trials, name):
+    assert trials.variant_of(checkpoint(trials, name)) == name
+
+
+def test_an_older_checkpoint_names_the_oldest_variant_that_agrees(trials):
+    # written before time_pool, keep, validation, residual and speed existed: the mean head,
+    # the best epoch, 15% held out; "pcen-attention" agrees on every field it has, too
+    old = checkpoint(trials, "pcen", seed=1,
+                     drop=("time_pool", "keep", "validation", "residual", "speed"))
+    assert trials.variant_of(old) == "pcen"
+
+
+def test_the_seed_and_schedule_come_from_the_checkpoint(trials):
+    long = checkpoint(trials, "pcen-envelope-last", seed=2, epochs=60)
+    assert trials.variant_of(long) == "pcen-envelope-last"
+
+
+def test_a_recipe_no_variant_trains_is_an_error_not_a_guess(trials):
+    other = checkpoint(trials, "pcen-envelope-attention-all")
+    other["data"]["train_config"]["lr"] = 0.01
+    with pytest.raises(ValueError, match="no variant"):
+        trials.variant_of(other)
