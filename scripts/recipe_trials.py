@@ -176,8 +176,14 @@ def recorded() -> dict[tuple[str, str, int], dict[str, Any]]:
 
 def score(run: dict[str, Any], key: str) -> float:
     """``accuracy`` or ``macro_f1`` of a run: fold 3's, or the grouped protocol's mean;
-    ``kept_val_f1``: the validation macro-F1 of a fold-3 run's saved weights."""
-    return float(run[key if run["protocol"] == "fold3" or key == "kept_val_f1" else f"{key}_mean"])
+    ``kept_val_f1``: the validation macro-F1 of a fold-3 run's saved weights (a grouped run
+    keeps no weights, so it has none)."""
+    return float(run[key] if key in run else run[f"{key}_mean"])
+
+
+def scores(run: dict[str, Any], key: str) -> bool:
+    """Whether ``score`` has a figure for ``key`` in this run."""
+    return key in run or f"{key}_mean" in run
 
 
 def report() -> None:
@@ -201,7 +207,7 @@ def compare(a: str, b: str, keys: tuple[str, ...] = ("accuracy", "macro_f1")) ->
     like those in docs/trial-decisions.md. Each protocol is summarised on its own."""
     latest = recorded()
     protocols = sorted({p for v, p, seed in latest if v == b and (a, p, seed) in latest
-                        and ("kept_val_f1" not in keys or p == "fold3")})
+                        and all(scores(latest[(v, p, seed)], key) for key in keys)})
     if not protocols:
         raise SystemExit(f"no seed ran under both {a} and {b} on one protocol")
     for protocol in protocols:

@@ -226,7 +226,7 @@ def main() -> None:
     validation = json.loads(args.validation.read_text()) if args.validation else None
     if validation:
         validation["data"] = "../shared/us8k"  # as every other path in the card
-    write_card(served, students, candidates, plain, validation, args.models,
+    write_card(served, students, candidates, plain, validation, args.models, teachers,
                args.trained_at or code_commit(), replaced, args.refit_verdict)
     for run in teachers + students + plain:
         m = run["metrics"]
@@ -277,15 +277,14 @@ def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) ->
             "decided it was written before the line ran: docs/trial-decisions.md."]
 
 
-def trial_command(version: str, models: Path) -> str:
+def trial_command(ckpt: dict[str, Any]) -> str:
     """The ``recipe_trials.py`` run that trains a published teacher again (its file under
     var/trials/ is what ``--teachers`` then takes, in place of models/VERSION.pt)."""
-    ckpt = load_checkpoint(registry.version_path(version, models))
     epochs = ckpt["data"]["train_config"]["epochs"]
     return (f"URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
             f"{variant_of(ckpt)} --seeds {seed_of(ckpt)}"
             + (f" --epochs {epochs}" if epochs != DEFAULT_EPOCHS else "")
-            + f"   # the recipe of the teacher {version}")
+            + f"   # the recipe of the teacher {ckpt['version']}")
 
 
 def seed_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -296,8 +295,8 @@ def seed_row(run: dict[str, Any]) -> dict[str, Any]:
 
 def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
-               models: Path, commit: str, replaced: dict[str, Any] | None = None,
-               refit_verdict: str | None = None) -> None:
+               models: Path, teachers: list[dict[str, Any]], commit: str,
+               replaced: dict[str, Any] | None = None, refit_verdict: str | None = None) -> None:
     spread = (f"; {len(students) - candidates} more student(s) ran only to measure "
               "the spread" if len(students) > candidates else "")
     if refit_verdict:
@@ -309,7 +308,7 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
         variant = variant_of(served)
         reproduce = REFIT_REPRODUCE.format(
             commit=commit, seed=seed_of(served), variant=variant,
-            teacher_runs="\n".join(trial_command(t, models) for t in served["data"]["teachers"]),
+            teacher_runs="\n".join(map(trial_command, teachers)),
             seeds=" ".join(str(seed_of(s)) for s in students),
             teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
         if validation:  # the section's summary: var/trials/{variant}-grouped3-s{seed}.json
