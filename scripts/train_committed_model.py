@@ -281,9 +281,12 @@ def trial_command(ckpt: dict[str, Any]) -> str:
     """The ``recipe_trials.py`` run that trains a published teacher again (its file under
     var/trials/ is what ``--teachers`` then takes, in place of models/VERSION.pt)."""
     epochs = ckpt["data"]["train_config"]["epochs"]
+    # a teacher that is itself a student (born-again, 4 Dec) is trained from its own teachers
+    own = " ".join(f"models/{t}.pt" for t in ckpt["data"].get("teachers", []))
     return (f"URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
             f"{variant_of(ckpt)} --seeds {seed_of(ckpt)}"
             + (f" --epochs {epochs}" if epochs != DEFAULT_EPOCHS else "")
+            + (f" --teachers {own}" if own else "")
             + f"   # the recipe of the teacher {ckpt['version']}")
 
 
@@ -322,6 +325,11 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
         reproduce = REPRODUCE.format(seed=seed_of(served), commit=commit)
     notes = [f"{why} With 387 test clips from few recordings, one clip is 0.26 points."]
     notes += replacement_note(served, replaced)
+    grand = sorted({g for t in teachers for g in t["data"].get("teachers", [])})
+    if grand:  # born-again (docs/trial-decisions.md, 4 Dec 22:44)
+        notes.append("Its teachers are themselves students of this recipe (born-again "
+                     "distillation, Furlanello et al. 2018), distilled from "
+                     + ", ".join(f"`{g}`" for g in grand) + ".")
     if plain:
         runs = ", ".join(f"seed {seed_of(r)} {r['metrics']['accuracy']:.3f}/"
                          f"{r['metrics']['macro_f1']:.3f}" for r in plain)

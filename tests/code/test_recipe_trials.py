@@ -56,3 +56,32 @@ def test_a_recipe_no_variant_trains_is_an_error_not_a_guess(trials):
     other["data"]["train_config"]["lr"] = 0.01
     with pytest.raises(ValueError, match="no variant"):
         trials.variant_of(other)
+
+
+@pytest.fixture(scope="module")
+def committed(trials, monkeypatch_module):
+    """scripts/train_committed_model.py, which imports ``recipe_trials`` as its neighbour."""
+    monkeypatch_module.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location(
+        "train_committed_model", SCRIPT.parent / "train_committed_model.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_a_teacher_that_is_a_student_is_trained_again_from_its_own_teachers(trials, committed):
+    # born-again (4 Dec): the served student's teachers are students of the committed ones
+    teacher = checkpoint(trials, "pcen-envelope-attention-last", seed=1)
+    teacher["data"]["teachers"] = ["20261202T214819Z-78aac3", "20261202T214819Z-e7db9d"]
+    line = committed.trial_command(teacher)
+    assert ("recipe_trials.py pcen-envelope-attention-last --seeds 1 --teachers "
+            "models/20261202T214819Z-78aac3.pt models/20261202T214819Z-e7db9d.pt") in line
+    plain = checkpoint(trials, "pcen-attention", seed=0)
+    assert "--teachers" not in committed.trial_command(plain)
