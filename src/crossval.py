@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Clip, DatasetError, read_dataset
-from .model import EpochCallback, TrainConfig
+from .model import EpochCallback, TrainConfig, library_versions
 from .preprocessing import CLASSES, FeatureConfig, encode_labels
 from .train import Split, fit_and_test, hold_out_validation, set_threads
 
@@ -91,6 +91,13 @@ def grouped_folds(clips: list[Clip], k: int = 5, seed: int = 0) -> list[Fold]:
             for i, (tr, te) in enumerate(splitter.split(np.zeros(len(clips)), labels, groups))]
 
 
+def recordings_key(clips: list[Clip], test: np.ndarray) -> str:
+    """Names the recordings a fold tests on: two runs whose scores differ can then say whether
+    they tested the same clips (the splitter's shuffle is a library's, and libraries change)."""
+    groups = sorted({str(clips[i].group) for i in test})
+    return hashlib.sha256("\n".join(groups).encode()).hexdigest()[:12]
+
+
 # --------------------------------------------------------------------------- running
 
 FoldCallback = Callable[[dict[str, Any]], None]
@@ -109,7 +116,8 @@ def run_fold(data: Split, fold: Fold, cfg: TrainConfig, config: FeatureConfig,
                                        data.subset(fold.train[hold]),
                                        data.subset(fold.test), cfg, config, on_epoch,
                                        progress=False)
-    return {"fold": fold.name, "n_train": len(keep), "n_validation": len(hold),
+    return {"fold": fold.name, "recordings": recordings_key(data.clips, fold.test),
+            "n_train": len(keep), "n_validation": len(hold),
             "n": metrics["n"], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
             "loss": metrics["loss"], "epochs": len(history),
             "per_class_f1": {c: s["f1"] for c, s in metrics["per_class"].items()},
@@ -196,7 +204,7 @@ def official(
             "test_folds": [int(f.name.removeprefix("fold")) for f in chosen], "run_key": key,
             "results_dir": str(results_dir) if results_dir else None,
             "skipped": len(clips) - len(data.clips), "train_config": cfg.to_dict(),
-            **summarise(rows)}
+            "libraries": library_versions(), **summarise(rows)}
 
 
 def grouped_cv(
@@ -216,7 +224,7 @@ def grouped_cv(
                       on_fold)
     return {"protocol": f"grouped {k}-fold", "data": str(data_dir),
             "excluded_folds": sorted(exclude_folds or []), "split_seed": seed,
-            "train_config": cfg.to_dict(), **summarise(rows)}
+            "train_config": cfg.to_dict(), "libraries": library_versions(), **summarise(rows)}
 
 
 # --------------------------------------------------------------------------- results on disk

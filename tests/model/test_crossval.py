@@ -147,3 +147,11 @@ def test_grouped_cv_never_reads_the_excluded_fold(folded, tmp_path):
     assert "test fold(s) [10] never read" in section
     for row in summary["per_fold"]:
         assert f"| {row['fold']} | {row['n']} | {row['accuracy']:.3f} |" in section
+    # a rerun can say whether it tested the same recordings, on which libraries
+    clips = [c for c in read_dataset(folded) if c.fold != 10]
+    folds = grouped_folds(clips, k=3, seed=0)
+    assert [r["recordings"] for r in summary["per_fold"]] == [
+        crossval.recordings_key(clips, f.test) for f in folds]
+    assert len({r["recordings"] for r in summary["per_fold"]}) == 3
+    import sklearn
+    assert summary["libraries"]["scikit-learn"] == sklearn.__version__
