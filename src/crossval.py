@@ -122,6 +122,8 @@ def run_fold(data: Split, fold: Fold, cfg: TrainConfig, config: FeatureConfig,
             "loss": metrics["loss"], "epochs": len(history),
             "per_class_f1": {c: s["f1"] for c, s in metrics["per_class"].items()},
             "confusion_matrix": metrics["confusion_matrix"],
+            # per row: the official protocol resumes rows another install may have computed
+            "libraries": library_versions(),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -204,7 +206,7 @@ def official(
             "test_folds": [int(f.name.removeprefix("fold")) for f in chosen], "run_key": key,
             "results_dir": str(results_dir) if results_dir else None,
             "skipped": len(clips) - len(data.clips), "train_config": cfg.to_dict(),
-            "libraries": library_versions(), **summarise(rows)}
+            **summarise(rows)}
 
 
 def grouped_cv(
@@ -224,7 +226,7 @@ def grouped_cv(
                       on_fold)
     return {"protocol": f"grouped {k}-fold", "data": str(data_dir),
             "excluded_folds": sorted(exclude_folds or []), "split_seed": seed,
-            "train_config": cfg.to_dict(), "libraries": library_versions(), **summarise(rows)}
+            "train_config": cfg.to_dict(), **summarise(rows)}
 
 
 # --------------------------------------------------------------------------- results on disk
