@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import Clip, DatasetError, read_dataset
-from .model import EpochCallback, TrainConfig, library_versions
+from .model import EpochCallback, TrainConfig, training_environment
 from .preprocessing import CLASSES, FeatureConfig, encode_labels
 from .train import Split, fit_and_test, hold_out_validation, set_threads
 
@@ -123,7 +123,7 @@ def run_fold(data: Split, fold: Fold, cfg: TrainConfig, config: FeatureConfig,
             "per_class_f1": {c: s["f1"] for c, s in metrics["per_class"].items()},
             "confusion_matrix": metrics["confusion_matrix"],
             # per row: the official protocol resumes rows another install may have computed
-            "libraries": library_versions(),
+            "environment": training_environment(),
             "seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -218,17 +218,19 @@ def make_checkpoint(
         "data": data,
         "history": history or [],
         "torch": str(torch.__version__),
-        "libraries": library_versions(),
+        "environment": training_environment(),
     }
 
 
-def library_versions() -> dict[str, str]:
-    """The versions whose arithmetic or splits decide a run's scores. One thread repeats a run
-    bit for bit only on the same install: on 4 Dec the grouped protocol's seed 0 moved from
-    0.651 to 0.634 macro-F1 between two machines' installs, and nothing recorded why."""
+def training_environment() -> dict[str, str]:
+    """What besides the code and the seed decides a run's scores: the library versions and the
+    CPU kernels torch dispatches to. One thread repeats a run bit for bit only on the same
+    install and CPU: on 4 Dec the served model's own run, repeated on another machine, drifted
+    in the fourth decimal of its first epoch's loss and ended two clips lower on fold 3, and
+    nothing recorded why."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found: dict[str, str] = {}
+    found: dict[str, str] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for name in ("torch", "numpy", "scikit-learn", "soxr", "soundfile"):
         try:
             found[name] = version(name)

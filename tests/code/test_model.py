@@ -25,8 +25,9 @@ def test_checkpoint_round_trip_is_self_describing(quick_model, tmp_path):
     assert raw["classes"] == list(CLASSES)
     assert raw["data"]["train"]["n"] > 0 and raw["metrics"]["n"] > 0
     # the install that trained it: a rerun elsewhere can tell a library change from a bug
-    assert raw["libraries"]["torch"] == torch.__version__
-    assert raw["libraries"]["numpy"] == np.__version__
+    assert raw["environment"]["torch"] == torch.__version__
+    assert raw["environment"]["numpy"] == np.__version__
+    assert raw["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     loaded = build_model(load_checkpoint(path))
     x = torch.randn(3, FeatureConfig().n_samples)
     quick_model.model.eval()

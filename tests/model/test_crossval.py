@@ -154,5 +154,5 @@ def test_grouped_cv_never_reads_the_excluded_fold(folded, tmp_path):
         crossval.recordings_key(clips, f.test) for f in folds]
     assert len({r["recordings"] for r in summary["per_fold"]}) == 3
     import sklearn
-    assert all(r["libraries"]["scikit-learn"] == sklearn.__version__
+    assert all(r["environment"]["scikit-learn"] == sklearn.__version__
                for r in summary["per_fold"])
