@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "recipe_trials.py"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-@pytest.fixture(scope="module")
-def trials():
-    spec = importlib.util.spec_from_file_location("recipe_trials", SCRIPT)
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def trials() -> ModuleType:
+    return load_script("recipe_trials")
 
 
 def checkpoint(trials, name: str, seed: int = 3, epochs: int = 40,
@@ -59,21 +64,11 @@ def test_a_recipe_no_variant_trains_is_an_error_not_a_guess(trials):
 
 
 @pytest.fixture(scope="module")
-def committed(trials, monkeypatch_module):
+def committed() -> ModuleType:
     """scripts/train_committed_model.py, which imports ``recipe_trials`` as its neighbour."""
-    monkeypatch_module.syspath_prepend(str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location(
-        "train_committed_model", SCRIPT.parent / "train_committed_model.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
-        yield mp
+        mp.syspath_prepend(str(SCRIPTS))
+        return load_script("train_committed_model")
 
 
 def test_a_teacher_that_is_a_student_is_trained_again_from_its_own_teachers(trials, committed):
