@@ -76,6 +76,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                 {"frontend": "logmel+pcen"}),
     "pcen-envelope-attention-last": ({"envelope": True, "keep": "last", "time_pool": "attention"},
                                      {"frontend": "logmel+pcen"}),
+    # BirdNET's linear probe as a second teacher beside the CNN teachers (src/birdnet.py):
+    # held out (judged on validation) and refit
+    "pcen-envelope-attention-birdnet-last": ({"envelope": True, "keep": "last",
+                                              "time_pool": "attention", "birdnet_teacher": True},
+                                             {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention-birdnet-all": ({"envelope": True, "keep": "last", "validation": 0.0,
+                                             "time_pool": "attention", "birdnet_teacher": True},
+                                            {"frontend": "logmel+pcen"}),
 }
 
 

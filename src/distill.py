@@ -6,6 +6,12 @@ three runs is reliably better than any one of them. Serving an ensemble would mu
 latency; distilling it (Hinton et al., 2015) keeps one network at serving time. The teachers
 see exactly the augmented, mixed input the student sees, so their soft targets describe that
 input, not the clean clip.
+
+A second kind of teacher is fixed per clip: a linear probe on a pretrained network's
+embedding (``birdnet``), which hears the clean clip only. Its probabilities are cross-fitted
+(each clip's come from a probe that never saw its recording: a probe's in-sample
+probabilities on 1,000-d embeddings are little more than the label) and mixed by mixup with the
+same weights as the clips they belong to.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,12 +71,17 @@ class Teachers(nn.Module):
         return super().train(False)  # batch-norm statistics and dropout stay as trained
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardised student features → mean teacher probabilities at ``temperature``."""
+    def forward(self, x: torch.Tensor, clip_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Standardised student features → mean teacher probabilities at ``temperature``;
+        with ``clip_probs`` (a per-clip teacher's, already at its temperature and mixed as the
+        batch was), the mean of the two: the ensemble counts as one teacher, the probe as
+        another, so three networks that share their errors do not outvote the one that
+        hears differently."""
         logmel = x * self.student_std + self.student_mean
         probs = [torch.softmax(m.classify(m.standardise(logmel)) / self.temperature, dim=1)
                  for m in cast("Iterable[Network]", self.models)]
-        return torch.stack(probs).mean(0)
+        ensemble = torch.stack(probs).mean(0)
+        return ensemble if clip_probs is None else (ensemble + clip_probs) / 2
 
 
 def distillation_loss(
@@ -79,3 +91,32 @@ def distillation_loss(
     of the hard-label loss's whatever the temperature."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+
+
+def cross_fitted_probabilities(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_classes: int,
+    temperature: float = 2.0, c: float = 0.1, folds: int = 5, seed: int = 0,
+) -> np.ndarray:
+    """``(n, n_classes)`` soft targets from a standardised logistic regression on
+    ``features``, each row predicted by a probe fitted on the other recordings (``folds``
+    recording-grouped, class-stratified folds), softened at ``temperature`` as the CNN
+    teachers' are. ``c`` = 0.1 is the regularisation the probe was judged with on the
+    grouped protocol (docs/trial-decisions.md, 5 Dec)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(set(groups.tolist())) < folds:
+        raise TeacherError(f"A cross-fitted probe needs at least {folds} recordings.")
+    out = np.zeros((len(labels), n_classes), dtype=np.float32)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, test in splitter.split(features, labels, groups):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+        probe.fit(features[train], labels[train])
+        # log-probabilities are the logits up to a constant per row, which softmax ignores;
+        # a class missing from this fold's training side gets probability 0
+        logits = np.full((len(test), n_classes), -np.inf)
+        logits[:, probe.classes_] = probe.predict_log_proba(features[test])
+        out[test] = torch.softmax(torch.from_numpy(logits / temperature), dim=1).numpy()
+    return out

@@ -315,6 +315,8 @@ class TrainConfig:
     dropout: float = 0.3
     distill_weight: float = 0.7  # with teachers: share of the loss that is their soft targets
     distill_temperature: float = 2.0
+    # with teachers: BirdNET's linear probe is a second teacher beside them (see birdnet)
+    birdnet_teacher: bool = False
     class_weighting: bool = True
     freq_pool: str = "mean"  # see FREQ_POOLS
     # see TIME_POOLS; the recipe's since 4 Dec (docs/trial-decisions.md: grouped macro-F1
@@ -425,6 +427,7 @@ class Optimisation:
     gen: torch.Generator
     ema: torch.optim.swa_utils.AveragedModel | None = None
     teachers: Teachers | None = None
+    clip_probs: torch.Tensor | None = None  # a per-clip teacher's (see distill), row per clip
 
 
 def train_epoch(model: AudioCNN, train_x: torch.Tensor, targets: torch.Tensor,
@@ -447,12 +450,19 @@ def train_epoch(model: AudioCNN, train_x: torch.Tensor, targets: torch.Tensor,
         if cfg.specaugment:
             x = spec_augment(x, gen, max_band_shift=cfg.band_shift, eq_std=cfg.eq_std)
         y = F.one_hot(targets[idx], n_classes).float()
+        # a per-clip teacher's targets ride beside the labels: mixup weighs them as it weighs
+        # the clips (and draws the same random numbers with or without them)
+        if opt.clip_probs is not None:
+            y = torch.cat([y, opt.clip_probs[idx]], dim=1)
         if cfg.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < cfg.mixup_prob:
             x, y = mixup(x, y, gen, cfg.mixup_alpha)
+        y, clip_probs = (y[:, :n_classes], y[:, n_classes:]) if opt.clip_probs is not None \
+            else (y, None)
         logits = model.classify(x)
         loss = soft_cross_entropy(logits, y, opt.loss_fn)
         if opt.teachers is not None:
-            soft = distillation_loss(logits, opt.teachers(x), cfg.distill_temperature)
+            soft = distillation_loss(logits, opt.teachers(x, clip_probs),
+                                     cfg.distill_temperature)
             loss = (1 - cfg.distill_weight) * loss + cfg.distill_weight * soft
         opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
@@ -498,13 +508,13 @@ def fit(
     val_x: torch.Tensor, val_y: np.ndarray,
     cfg: TrainConfig, classes: tuple[str, ...] = CLASSES,
     on_epoch: EpochCallback | None = None, progress: bool = True,
-    teachers: Teachers | None = None,
+    teachers: Teachers | None = None, clip_probs: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Train an epoch, validate, let early stopping decide; restore the best weights (with
     ``cfg.keep == "last"``: run the whole schedule and keep its final weights).
 
     With ``teachers`` the loss also pulls the student towards their soft targets (see
-    ``distill``).
+    ``distill``); ``clip_probs`` (one row per training clip) adds a per-clip teacher's.
     """
     from tqdm import tqdm
 
@@ -522,7 +532,10 @@ def fit(
     average = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)  # type: ignore[no-untyped-call]
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
            if cfg.ema_decay else None)
-    opt = Optimisation(optimizer, scheduler, loss_fn, gen, ema, teachers)
+    if clip_probs is not None and (teachers is None or len(clip_probs) != len(train_x)):
+        raise ValueError("per-clip soft targets need the CNN teachers and one row per clip")
+    opt = Optimisation(optimizer, scheduler, loss_fn, gen, ema, teachers,
+                       None if clip_probs is None else torch.as_tensor(clip_probs))
     stopper = EarlyStopping(cfg.patience, cfg.warmup_fraction * cfg.epochs)
     history: list[dict[str, Any]] = []
     bar = tqdm(range(cfg.epochs), desc="training", unit="epoch", disable=not progress)

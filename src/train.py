@@ -113,7 +113,8 @@ def train(
     tr = Split.load(train_clips, config, cache_dir, progress)
     va = Split.load(val_clips, config, cache_dir, progress)
     te = Split.load(test_clips, config, cache_dir, progress)
-    model, metrics, history = fit_and_test(tr, va, te, cfg, config, on_epoch, progress, teachers)
+    model, metrics, history = fit_and_test(tr, va, te, cfg, config, on_epoch, progress, teachers,
+                                           cache_dir)
     metrics["split"] = how
     metrics["test_folds"] = sorted(test_folds) if test_folds else None
     kind = "folds" if test_folds else ("folder" if how.startswith("test = ") and
@@ -131,7 +132,7 @@ def train(
 def fit_and_test(
     tr: Split, va: Split, te: Split, cfg: TrainConfig, config: FeatureConfig,
     on_epoch: EpochCallback | None = None, progress: bool = True,
-    teachers: list[Checkpoint] | None = None,
+    teachers: list[Checkpoint] | None = None, cache_dir: Path | None = None,
 ) -> tuple[AudioCNN, dict[str, Any], list[dict[str, Any]]]:
     """The recipe on splits already in memory: a fresh model (band statistics from ``tr``),
     fitted with early stopping on ``va``, scored on ``te``. ``train`` and both cross-validation
@@ -139,8 +140,13 @@ def fit_and_test(
     model = new_model(tr.x, cfg, config)
     teacher = (Teachers([build_model(t) for t in teachers], model, cfg.distill_temperature)
                if teachers else None)
+    clip_probs = None
+    if cfg.birdnet_teacher and teacher is not None:
+        from .birdnet import probe_soft_targets  # optional packages: only when asked
+
+        clip_probs = probe_soft_targets(tr.clips, cache_dir, cfg.distill_temperature, progress)
     history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
-                  teachers=teacher)
+                  teachers=teacher, clip_probs=clip_probs)
     return model, evaluate_model(model, te.x, te.y, CLASSES), history
 
 
