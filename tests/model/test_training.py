@@ -164,3 +164,47 @@ def test_a_soup_is_the_average_of_its_parents_fine_tunes(quick_model, synthetic_
     # a refit parent holds nothing out: its soup's ingredients have no score, not a zero
     nothing = Split([], test.x[:0], test.y[:0])
     assert make_soup(parent, train, nothing, [1], epochs=1, lr=1e-3)[1] == [None]
+
+
+def test_a_per_clip_teacher_reaches_each_clip_through_mixup(synthetic_data, tmp_path):
+    """Per-clip soft targets (the BirdNET probe's) are the targets of their own clips, mixed
+    as their clips are: a student taught by a teacher that knows nothing (a fresh network) and
+    per-clip targets that name a shifted class learns the shifted class on clips it never saw;
+    misaligned rows would teach noise."""
+    from src.distill import Teachers
+    from src.model import predict_logits
+
+    config = FeatureConfig()
+    train = Split.load(read_class_folders(synthetic_data / "train"), config, tmp_path, False)
+    test = Split.load(read_class_folders(synthetic_data / "test"), config, tmp_path, False)
+    cfg = TrainConfig(epochs=12, patience=12, seed=1, distill_weight=1.0, distill_temperature=1.0,
+                      mixup_prob=1.0)
+    know_nothing = new_model(train.x, TrainConfig(seed=7), config)
+    shifted = np.eye(10, dtype=np.float32)[(train.y + 2) % 10]
+    student = new_model(train.x, cfg, config)
+    fit(student, train.x, (train.y + 1) % 10, test.x[:0], test.y[:0], cfg, progress=False,
+        teachers=Teachers([know_nothing], student, cfg.distill_temperature), clip_probs=shifted)
+    said = predict_logits(student, test.x).argmax(1).numpy()
+    assert (said == (test.y + 2) % 10).mean() >= 0.5  # chance is 0.1
+    with pytest.raises(ValueError, match="one row per clip"):
+        fit(student, train.x, train.y, test.x[:0], test.y[:0], cfg, progress=False,
+            teachers=Teachers([know_nothing], student, 1.0), clip_probs=shifted[:-1])
+
+
+def test_cross_fitted_probabilities_never_come_from_a_probe_that_saw_the_recording():
+    """Labels drawn at random per recording and features that identify the recording: a probe
+    that saw a clip's recording names its label, one that did not can only guess."""
+    from src.distill import cross_fitted_probabilities
+
+    rng = np.random.default_rng(0)
+    recordings = np.repeat(np.arange(60), 5)
+    labels = rng.integers(0, 10, 60)[recordings]
+    features = (rng.normal(size=(60, 32))[recordings]
+                + 0.01 * rng.normal(size=(len(recordings), 32)))
+    probs = cross_fitted_probabilities(features, labels, recordings, 10, temperature=1.0, c=10.0)
+    assert probs.shape == (300, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == labels).mean() < 0.3
+    from sklearn.linear_model import LogisticRegression
+
+    in_sample = LogisticRegression(C=10.0, max_iter=3000).fit(features, labels)
+    assert (in_sample.predict(features) == labels).mean() > 0.9
