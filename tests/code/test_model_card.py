@@ -38,6 +38,19 @@ def test_card_names_teachers_and_the_largest_confusions(quick_model):
     cm = ckpt["metrics"]["confusion_matrix"]
     assert n == max(cm[i][j] for i in range(10) for j in range(10) if i != j)
     assert f"{true} → {predicted} ({n}," in card and "urbansound train ..." in card
+    assert "BirdNET" not in card
+
+
+def test_card_credits_the_birdnet_teacher_and_carries_its_licence(quick_model):
+    """A network distilled from BirdNET says so, with the weights' licence (NC-SA): its
+    users inherit the terms."""
+    ckpt = copy.deepcopy(quick_model.checkpoint)
+    ckpt["data"]["teachers"] = ["t-1"]
+    ckpt["data"]["train_config"].update(distill_weight=0.7, distill_temperature=2.0,
+                                        birdnet_teacher=True)
+    card = render(ckpt)
+    assert "mean of their averaged soft targets and a second teacher's" in card
+    assert "linear probe on BirdNET V2.4" in card and "CC BY-NC-SA 4.0" in card
 
 
 def test_card_says_which_front_end_and_head_the_model_has(quick_model):
