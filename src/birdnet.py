@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,13 @@ class Embedder:
             raise BirdNETMissing("ai-edge-litert is not installed: pip install "
                                  "'urbansound[teacher]'.") from None
         # the embedding is the tensor before the classifier: XNNPACK frees intermediate
-        # tensors unless told to keep them
-        self.interpreter: Any = Interpreter(model_path=str(model_path()),
-                                            num_threads=threads or os.cpu_count() or 1,
-                                            experimental_preserve_all_tensors=True)
+        # tensors unless told to keep them (the runtime warns that this is for debugging;
+        # one 66 MB network's intermediates are what we want, so the warning is noise)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+            self.interpreter: Any = Interpreter(model_path=str(model_path()),
+                                                num_threads=threads or os.cpu_count() or 1,
+                                                experimental_preserve_all_tensors=True)
         self.input = self.interpreter.get_input_details()[0]["index"]
         self.embedding = self.interpreter.get_output_details()[0]["index"] - 1
 
