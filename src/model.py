@@ -317,6 +317,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     # with teachers: BirdNET's linear probe is a second teacher beside them (see birdnet)
     birdnet_teacher: bool = False
+    birdnet_folds: int = 5  # its probe cross-fitted over this many folds; 0: in-sample
     class_weighting: bool = True
     freq_pool: str = "mean"  # see FREQ_POOLS
     # see TIME_POOLS; the recipe's since 4 Dec (docs/trial-decisions.md: grouped macro-F1

@@ -48,7 +48,8 @@ def _distillation(data: dict[str, Any]) -> str:
                           "targets and a second teacher's")
             + "; the second teacher is a linear probe on BirdNET V2.4's embedding of each clip "
             "(a network pretrained on other recordings; src/birdnet.py), its probabilities "
-            "cross-fitted over the training recordings")
+            + ("cross-fitted over the training recordings" if cfg.get("birdnet_folds", 5)
+               else "from a probe fitted on every clip it teaches"))
 
 
 BIRDNET_CREDIT = (

@@ -144,7 +144,8 @@ def fit_and_test(
     if cfg.birdnet_teacher and teacher is not None:
         from .birdnet import probe_soft_targets  # optional packages: only when asked
 
-        clip_probs = probe_soft_targets(tr.clips, cache_dir, cfg.distill_temperature, progress)
+        clip_probs = probe_soft_targets(tr.clips, cache_dir, cfg.distill_temperature,
+                                        cfg.birdnet_folds, progress)
     history = fit(model, tr.x, tr.y, va.x, va.y, cfg, on_epoch=on_epoch, progress=progress,
                   teachers=teacher, clip_probs=clip_probs)
     return model, evaluate_model(model, te.x, te.y, CLASSES), history

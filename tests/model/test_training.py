@@ -194,17 +194,21 @@ def test_a_per_clip_teacher_reaches_each_clip_through_mixup(synthetic_data, tmp_
 def test_cross_fitted_probabilities_never_come_from_a_probe_that_saw_the_recording():
     """Labels drawn at random per recording and features that identify the recording: a probe
     that saw a clip's recording names its label, one that did not can only guess."""
-    from src.distill import cross_fitted_probabilities
+    from src.distill import probe_probabilities
 
     rng = np.random.default_rng(0)
     recordings = np.repeat(np.arange(60), 5)
     labels = rng.integers(0, 10, 60)[recordings]
     features = (rng.normal(size=(60, 32))[recordings]
                 + 0.01 * rng.normal(size=(len(recordings), 32)))
-    probs = cross_fitted_probabilities(features, labels, recordings, 10, temperature=1.0, c=10.0)
+    probs = probe_probabilities(features, labels, recordings, 10, temperature=1.0, c=10.0)
     assert probs.shape == (300, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == labels).mean() < 0.3
     from sklearn.linear_model import LogisticRegression
 
     in_sample = LogisticRegression(C=10.0, max_iter=3000).fit(features, labels)
     assert (in_sample.predict(features) == labels).mean() > 0.9
+    # folds=0: one probe fitted on every clip it teaches, as the CNN teachers are
+    taught = probe_probabilities(features, labels, recordings, 10, temperature=1.0, c=10.0,
+                                 folds=0)
+    assert (taught.argmax(1) == labels).mean() > 0.9
