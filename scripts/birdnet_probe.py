@@ -14,14 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from src.birdnet import embed_clips
 from src.crossval import grouped_folds
 from src.datasets import read_us8k
+from src.distill import linear_probe
 from src.preprocessing import CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +34,7 @@ def main() -> None:
     machine = np.isin(y, [CLASSES.index(c) for c in MACHINE])
     accs, f1s, machine_accs = [], [], []
     for fold in grouped_folds(clips, k=3, seed=0):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
-        pred = probe.fit(x[fold.train], y[fold.train]).predict(x[fold.test])
+        pred = linear_probe().fit(x[fold.train], y[fold.train]).predict(x[fold.test])
         right = pred == y[fold.test]
         accs.append(right.mean())
         f1s.append(f1_score(y[fold.test], pred, average="macro"))

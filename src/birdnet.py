@@ -15,6 +15,7 @@ network distilled from them is shared under the same terms, as the card says.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import warnings
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from .datasets import Clip
 from .distill import probe_probabilities
 from .errors import UserError
-from .files import file_sha256
+from .files import file_sha256, replace_atomically
 from .preprocessing import (
     CLASSES,
     AudioError,
@@ -84,11 +85,9 @@ class Embedder:
     """One interpreter for many clips (loading the model takes ~0.5 s)."""
 
     def __init__(self, threads: int | None = None):
-        try:
-            from ai_edge_litert.interpreter import Interpreter  # type: ignore[import-untyped]
-        except ImportError:
-            raise BirdNETMissing("ai-edge-litert is not installed: pip install "
-                                 "'urbansound[teacher]'.") from None
+        require()
+        from ai_edge_litert.interpreter import Interpreter  # type: ignore[import-untyped]
+
         # the embedding is the tensor before the classifier: XNNPACK frees intermediate
         # tensors unless told to keep them (the runtime warns that this is for debugging;
         # one 66 MB network's intermediates are what we want, so the warning is noise)
@@ -135,10 +134,9 @@ def embed_clips(clips: Iterable[Clip], cache_dir: Path | None = None,
             raise AudioError(exc.code, f"{clip.path.name}: {exc.message}") from None
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, out[i])
-            os.replace(tmp, target)
+            buffer = io.BytesIO()
+            np.save(buffer, out[i])
+            replace_atomically(target, buffer.getvalue())
     return out
 
 

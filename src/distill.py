@@ -93,6 +93,17 @@ def distillation_loss(
     return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
 
 
+def linear_probe(c: float = 0.1) -> Any:
+    """The probe that teaches, and the one ``scripts/birdnet_probe.py`` judged: a standardised
+    logistic regression; ``c`` = 0.1 was fixed before the grouped protocol read it
+    (docs/trial-decisions.md, 5 Dec)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+
+
 def probe_probabilities(
     features: np.ndarray, labels: np.ndarray, groups: np.ndarray, n_classes: int,
     temperature: float = 2.0, c: float = 0.1, folds: int = 5, seed: int = 0,
@@ -101,12 +112,8 @@ def probe_probabilities(
     ``features``, softened at ``temperature`` as the CNN teachers' are. Cross-fitted by
     default: each row predicted by a probe fitted on the other recordings (``folds``
     recording-grouped, class-stratified folds); ``folds=0`` fits one probe on every clip it
-    teaches, as the CNN teachers saw the clips they teach. ``c`` = 0.1 is the regularisation
-    the probe was judged with on the grouped protocol (docs/trial-decisions.md, 5 Dec)."""
-    from sklearn.linear_model import LogisticRegression
+    teaches, as the CNN teachers saw the clips they teach (``linear_probe``)."""
     from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     if len(set(groups.tolist())) < folds:
         raise TeacherError(f"A cross-fitted probe needs at least {folds} recordings.")
@@ -115,8 +122,7 @@ def probe_probabilities(
     splits = (StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
               .split(features, labels, groups) if folds else [(everything, everything)])
     for train, test in splits:
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-        probe.fit(features[train], labels[train])
+        probe = linear_probe(c).fit(features[train], labels[train])
         # log-probabilities are the logits up to a constant per row, which softmax ignores;
         # a class missing from this fold's training side gets probability 0
         logits = np.full((len(test), n_classes), -np.inf)

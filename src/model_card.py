@@ -40,14 +40,15 @@ def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, 
 
 def _distillation(data: dict[str, Any]) -> str:
     cfg = data.get("train_config", {})
-    share = (f"{cfg.get('distill_weight', '?')} of the loss is their averaged soft targets at "
-             f"temperature {cfg.get('distill_temperature', '?')}, the rest the true labels")
-    if not cfg.get("birdnet_teacher"):
+    birdnet = cfg.get("birdnet_teacher")
+    targets = ("the mean of their averaged soft targets and a second teacher's" if birdnet
+               else "their averaged soft targets")
+    share = (f"{cfg.get('distill_weight', '?')} of the loss is {targets} at temperature "
+             f"{cfg.get('distill_temperature', '?')}, the rest the true labels")
+    if not birdnet:
         return share
-    return (share.replace("their averaged soft targets", "the mean of their averaged soft "
-                          "targets and a second teacher's")
-            + "; the second teacher is a linear probe on BirdNET V2.4's embedding of each clip "
-            "(a network pretrained on other recordings; src/birdnet.py), its probabilities "
+    return (share + "; the second teacher is a linear probe on BirdNET V2.4's embedding of each "
+            "clip (a network pretrained on other recordings; src/birdnet.py), its probabilities "
             + ("cross-fitted over the training recordings" if cfg.get("birdnet_folds", 5)
                else "from a probe fitted on every clip it teaches"))
 
