@@ -151,8 +151,9 @@ class Settings(BaseSettings):
 
     @property
     def max_body_mb(self) -> int:
-        """What a proxy in front must let through: the largest body any endpoint takes (the
-        app then holds each endpoint to its own limit)."""
+        """The largest body any endpoint takes: that of the endpoints that analyse a recording
+        (which may be larger than an upload, and no smaller than any request), and what nginx
+        lets through on those paths (every other path: ``max_upload_mb``)."""
         return max(self.max_upload_mb, self.max_analyze_mb)
 
     @property

@@ -208,18 +208,19 @@ def _user_directive() -> str:
 
 
 def write_nginx_config(prefix: Path, listen: str, ports: list[int],
-                       max_body_mb: int | None = None, worker_processes: int = 1,
-                       template: Path = TEMPLATE) -> Path:
+                       worker_processes: int = 1, template: Path = TEMPLATE) -> Path:
     """Render the template into ``prefix`` and wrap it in a main configuration that keeps
     every file nginx writes (pid, logs, temporary bodies) under ``prefix``. Returns the main
     configuration's path (for ``nginx -p prefix -c path``)."""
     prefix = Path(prefix).resolve()
     for sub in ("logs", "tmp"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
+    settings = get_settings()
     values = {
         "NGINX_LISTEN": listen,
         "NGINX_UPSTREAM_SERVERS": upstream_servers(ports),
-        "NGINX_MAX_BODY_MB": str(max_body_mb or get_settings().max_body_mb),
+        "NGINX_MAX_UPLOAD_MB": str(settings.max_upload_mb),
+        "NGINX_MAX_BODY_MB": str(settings.max_body_mb),
         "NGINX_STATIC_ROOT": str(STATIC_DIR),
         "NGINX_ACCESS_LOG": "logs/access.log",
     }
@@ -541,8 +542,7 @@ def up(cfg: StackConfig, settings: Settings | None = None,
                         for i, p in enumerate(ports)}, procs, deadline)
 
             prefix = d / "nginx"
-            conf = write_nginx_config(prefix, f"127.0.0.1:{cfg.port}", ports,
-                                      settings.max_body_mb)
+            conf = write_nginx_config(prefix, f"127.0.0.1:{cfg.port}", ports)
             nginx_test(nginx, prefix, conf)
             start("nginx", nginx_argv(nginx, prefix, conf), env, port=cfg.port,
                   stop_signal=signal.SIGQUIT)

@@ -95,6 +95,26 @@ def test_predict_clip_too_large(make_app, monkeypatch):
     assert_error(r, 413, "too_large")
 
 
+def test_a_refused_body_is_read_to_its_end_first(make_app, monkeypatch):
+    """A body refused by its length is still read (and dropped) before the 413: a replica
+    that answers with unread bytes resets the connection, and nginx then tells the client
+    502 instead (web.api.discard_body). Chunked (no length) and sized bodies alike."""
+    monkeypatch.setenv("URBANSOUND_MAX_CLIP_MB", "1")
+    client = make_app().test_client()
+    for size in (3 << 20, (1 << 20) + 1):
+        sent = io.BytesIO(b"\0" * size)
+        r = client.post("/api/v1/predict", input_stream=sent, content_length=size,
+                        content_type="audio/wav")
+        assert_error(r, 413, "too_large")
+        assert sent.tell() == size
+    sent = io.BytesIO(b"\0" * (3 << 20))  # as a server hands over a de-chunked body
+    r = client.post("/api/v1/predict", content_type="audio/wav",
+                    headers={"Transfer-Encoding": "chunked"},
+                    environ_overrides={"wsgi.input": sent, "wsgi.input_terminated": True})
+    assert_error(r, 413, "too_large")
+    assert sent.tell() == 3 << 20
+
+
 def test_request_too_large_is_json_413(make_app, monkeypatch):
     monkeypatch.setenv("URBANSOUND_MAX_UPLOAD_MB", "1")
     client = make_app().test_client()

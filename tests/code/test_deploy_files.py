@@ -252,6 +252,7 @@ def test_compose_nginx_renders_the_template(compose) -> None:
     rendered = render_template(TEMPLATE.read_text(), env)
     assert "${NGINX" not in rendered and "server web:8000 resolve" in rendered
     assert int(env["NGINX_MAX_BODY_MB"]) == Settings().max_body_mb
+    assert int(env["NGINX_MAX_UPLOAD_MB"]) == Settings().max_upload_mb
     mounts = {v.split(":")[1] for v in nginx["volumes"]}
     assert "/etc/nginx/templates/default.conf.template" in mounts
     assert env["NGINX_STATIC_ROOT"] in mounts
@@ -457,8 +458,11 @@ def test_nginx_accepts_the_rendered_template(tmp_path, isolated_settings) -> Non
     conf = stack.write_nginx_config(tmp_path / "nginx", f"127.0.0.1:{free_port()}", ports)
     stack.nginx_test(nginx, tmp_path / "nginx", conf)  # raises with nginx's complaint
     site = (tmp_path / "nginx" / "urbansound.conf").read_text()
-    # the largest body any endpoint takes (uploads or a recording to analyse)
-    assert f"client_max_body_size {isolated_settings.max_body_mb}m;" in site
+    # the app's limits: uploads everywhere, the larger recording limit where one is analysed
+    assert f"client_max_body_size {isolated_settings.max_upload_mb}m;" in site
+    for path in ("/api/v1/analyze", "/analyse"):
+        block = site.split(f"location = {path} {{", 1)[1].split("}", 1)[0]
+        assert f"client_max_body_size {isolated_settings.max_body_mb}m;" in block
     for p in ports:
         assert f"server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;" in site
     assert f"alias {ROOT / 'web' / 'static'}/;" in site

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,7 @@ def stack(tmp_path_factory, pg_database_factory) -> Iterator[Stack]:
         "URBANSOUND_RESULT_BACKEND": REDIS_URL,
         "URBANSOUND_API_TOKEN": TOKEN,
         "URBANSOUND_MAX_UPLOAD_MB": "5",
+        "URBANSOUND_MAX_CLIP_MB": "2",  # under the upload limit: a replica refuses a clip over it
         "URBANSOUND_RETRAIN_EPOCHS": "1",
         "URBANSOUND_GATE_MARGIN": "1.0",  # the test is about the swap: always promote
         "URBANSOUND_JOB_HEARTBEAT_S": "1",
@@ -214,11 +216,36 @@ def test_predictions_through_nginx_are_balanced_and_succeed(stack: Stack) -> Non
 def test_nginx_serves_static_files_and_json_errors(stack: Stack) -> None:
     status, headers, body = stack.request("GET", "/static/style.css")
     assert status == 200 and body and "x-upstream" not in headers  # no replica involved
-    # Over URBANSOUND_MAX_UPLOAD_MB (5 here): refused by nginx, as JSON, before any replica.
+    # Over URBANSOUND_MAX_UPLOAD_MB (5 here): refused by nginx, as JSON, before any replica
+    # (the path's own limit: a replica refusing it by Content-Length would close the connection
+    # while nginx sends the body, and CI once saw a 502 for it that way).
     status, headers, body = stack.request(
         "POST", "/api/v1/uploads", b"\0" * (6 << 20),
         {"Content-Type": "application/zip", "Authorization": f"Bearer {TOKEN}"})
-    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
+    assert (status, json.loads(body)["error"]["code"]) == (413, "too_large"), (headers, body)
+    assert "x-upstream" not in headers and b"5 MiB" in body
+    # A recording to analyse may be bigger (URBANSOUND_MAX_ANALYZE_MB, 200 by default): the
+    # same body on /api/v1/analyze reaches a replica, which says what is wrong with it.
+    status, headers, body = stack.request("POST", "/api/v1/analyze", b"\0" * (6 << 20),
+                                          {"Content-Type": "audio/wav"})
+    assert status == 415 and headers.get("x-upstream"), (status, headers, body)
+
+
+def test_a_clip_a_replica_refuses_is_a_413_never_a_502(stack: Stack) -> None:
+    """A clip over URBANSOUND_MAX_CLIP_MB (2 here) but under the upload limit passes nginx
+    and is refused by a replica by its length. Every client must get that 413: a replica that
+    answered before reading the body reset the connection while nginx was still sending it,
+    and nginx said 502 instead (113 of these 120 before web.api.discard_body)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def predict(_: int) -> tuple[int, str]:
+        status, _, body = stack.request("POST", "/api/v1/predict", b"\0" * (4 << 20),
+                                        {"Content-Type": "audio/wav"})
+        return status, json.loads(body)["error"]["code"]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = Counter(pool.map(predict, range(120)))
+    assert answers == {(413, "too_large"): 120}, answers
     status, _, body = stack.request("GET", "/api/v1/no-such-thing")
     assert status == 404 and json.loads(body)["error"]  # the app's JSON 404, via nginx
 
