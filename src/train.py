@@ -136,7 +136,13 @@ def fit_and_test(
 ) -> tuple[AudioCNN, dict[str, Any], list[dict[str, Any]]]:
     """The recipe on splits already in memory: a fresh model (band statistics from ``tr``),
     fitted with early stopping on ``va``, scored on ``te``. ``train`` and both cross-validation
-    protocols (``crossval``) run exactly this, so what they measure is the served recipe."""
+    protocols (``crossval``) run exactly this, so what they measure is the served recipe.
+
+    ``cfg.birdnet_teacher`` without ``teachers`` is refused rather than ignored: the probe
+    teaches beside the CNN teachers, and a run that silently trained without it would still
+    say ``birdnet_teacher`` in its ``train_config``."""
+    if cfg.birdnet_teacher and not teachers:
+        raise ValueError("birdnet_teacher teaches beside CNN teachers: pass teachers too")
     model = new_model(tr.x, cfg, config)
     teacher = (Teachers([build_model(t) for t in teachers], model, cfg.distill_temperature)
                if teachers else None)

@@ -98,6 +98,20 @@ def test_errors_are_one_line(args, tmp_path):
     assert_one_line_error(run(*args, env=env))
 
 
+def test_the_library_refuses_a_birdnet_teacher_without_cnn_teachers() -> None:
+    """As the CLI does: a run that trained without the probe must not say it had one."""
+    import numpy as np
+    import torch
+
+    from src.model import TrainConfig
+    from src.preprocessing import FeatureConfig
+    from src.train import Split, fit_and_test
+
+    empty = Split([], torch.zeros(0, 1), np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="pass teachers"):
+        fit_and_test(empty, empty, empty, TrainConfig(birdnet_teacher=True), FeatureConfig())
+
+
 def test_train_registers_and_serves_a_new_version(synthetic_data, tmp_path):
     env = {"URBANSOUND_STATE_DIR": str(tmp_path / "var"),
            "URBANSOUND_MODELS_DIR": str(tmp_path / "models")}
