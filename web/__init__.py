@@ -21,7 +21,7 @@ from src import secret_policy
 from src.monitoring import Monitor
 from src.settings import get_settings
 
-from . import errors, services
+from . import errors, request_body, services
 from .errors import ERROR_SCHEMA
 from .security import csrf, init_rate_limits
 
@@ -78,6 +78,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> APIFlask:
     csrf.init_app(app)
     init_rate_limits(app, settings)
     errors.register(app)
+    request_body.register(app)  # answers that come before the body reach the client
     _register_blueprints(app)
     _instrument(app)
     if app.config["CELERY_INIT"]:

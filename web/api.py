@@ -145,28 +145,6 @@ def too_large(limit_mb: int, what: str = "A clip") -> ClipError:
     return ClipError(f"{what} may be at most {limit_mb} MiB.", code="too_large", status=413)
 
 
-def discard_body() -> None:
-    """Read and drop the rest of the request body before refusing it, up to the largest body
-    any endpoint takes (``max_body_mb``: what nginx lets through anyway).
-
-    Why: answering before the body is read makes gunicorn close a socket with unread bytes,
-    which resets the connection; nginx, still sending the body it buffered, then answers the
-    client 502 instead of our 413 (seen in CI as ``sendfile() failed (32: Broken pipe) while
-    sending request to upstream``). Past ``max_body_mb`` nothing is read: no endpoint would
-    take such a body, and the reset is the cheaper answer."""
-    from werkzeug.exceptions import RequestEntityTooLarge
-
-    left = services.state().settings.max_body_mb * MIB
-    if (request.content_length or 0) > left:
-        return
-    try:
-        stream = request.stream
-    except RequestEntityTooLarge:  # over this request's own cap: not worth reading
-        return
-    while left > 0 and (block := stream.read(min(CHUNK, left))):
-        left -= len(block)
-
-
 def read_body(limit: int, spool: bool = False) -> tuple[IO[bytes], int]:
     """The raw request body, at most ``limit`` bytes, as a file positioned at its start, and
     its size; a larger body is a 413 before anything uses it.
@@ -177,7 +155,6 @@ def read_body(limit: int, spool: bool = False) -> tuple[IO[bytes], int]:
     Reading here in blocks and failing past the limit closes that. ``spool=True`` keeps a big
     body on disk (an anonymous temporary file) instead of in memory."""
     if (request.content_length or 0) > limit:
-        discard_body()
         raise too_large(limit // MIB, "The request body")
     out: IO[bytes] = (tempfile.SpooledTemporaryFile(max_size=8 * MIB)  # noqa: SIM115 - returned
                       if spool else io.BytesIO())
@@ -186,7 +163,6 @@ def read_body(limit: int, spool: bool = False) -> tuple[IO[bytes], int]:
         while block := request.stream.read(min(CHUNK, limit + 1 - n)):
             n += len(block)
             if n > limit:
-                discard_body()
                 raise too_large(limit // MIB, "The request body")
             out.write(block)
     except BaseException:

@@ -96,23 +96,36 @@ def test_predict_clip_too_large(make_app, monkeypatch):
 
 
 def test_a_refused_body_is_read_to_its_end_first(make_app, monkeypatch):
-    """A body refused by its length is still read (and dropped) before the 413: a replica
-    that answers with unread bytes resets the connection, and nginx then tells the client
-    502 instead (web.api.discard_body). Chunked (no length) and sized bodies alike."""
+    """Whatever refuses a request before its body is read (a 413 by length, a 415, a 401),
+    the body is read and dropped before the answer goes out: a replica that answers with
+    unread bytes resets the connection, and nginx then tells the client 502 instead
+    (web.request_body). Chunked (no length) and sized bodies alike; past ``max_body_mb``
+    (what no endpoint takes) nothing is read."""
     monkeypatch.setenv("URBANSOUND_MAX_CLIP_MB", "1")
+    monkeypatch.setenv("URBANSOUND_MAX_UPLOAD_MB", "4")
+    monkeypatch.setenv("URBANSOUND_MAX_ANALYZE_MB", "4")
     client = make_app().test_client()
-    for size in (3 << 20, (1 << 20) + 1):
+    refusals = [("/api/v1/predict", 3 << 20, "audio/wav", {}, 413, "too_large"),
+                ("/api/v1/predict", (1 << 20) + 1, "audio/wav", {}, 413, "too_large"),
+                ("/api/v1/predict", 3 << 20, "text/plain", {}, 415, "unsupported_media_type"),
+                ("/api/v1/uploads", 3 << 20, "application/zip",
+                 {"Authorization": "Bearer wrong"}, 401, "unauthorized")]
+    for path, size, ctype, headers, status, code in refusals:
         sent = io.BytesIO(b"\0" * size)
-        r = client.post("/api/v1/predict", input_stream=sent, content_length=size,
-                        content_type="audio/wav")
-        assert_error(r, 413, "too_large")
-        assert sent.tell() == size
+        r = client.post(path, input_stream=sent, content_length=size, content_type=ctype,
+                        headers=headers)
+        assert_error(r, status, code)
+        assert sent.tell() == size, (path, status)
     sent = io.BytesIO(b"\0" * (3 << 20))  # as a server hands over a de-chunked body
     r = client.post("/api/v1/predict", content_type="audio/wav",
                     headers={"Transfer-Encoding": "chunked"},
                     environ_overrides={"wsgi.input": sent, "wsgi.input_terminated": True})
     assert_error(r, 413, "too_large")
     assert sent.tell() == 3 << 20
+    sent = io.BytesIO(b"\0" * (5 << 20))  # over every limit: left unread, refused at once
+    r = client.post("/api/v1/predict", input_stream=sent, content_length=5 << 20,
+                    content_type="audio/wav")
+    assert r.status_code == 413 and sent.tell() == 0
 
 
 def test_request_too_large_is_json_413(make_app, monkeypatch):

@@ -231,23 +231,23 @@ def test_nginx_serves_static_files_and_json_errors(stack: Stack) -> None:
     assert status == 415 and headers.get("x-upstream"), (status, headers, body)
 
 
-def test_a_clip_a_replica_refuses_is_a_413_never_a_502(stack: Stack) -> None:
+def test_a_body_a_replica_refuses_unread_is_its_answer_never_a_502(stack: Stack) -> None:
     """A clip over URBANSOUND_MAX_CLIP_MB (2 here) but under the upload limit passes nginx
-    and is refused by a replica by its length. Every client must get that 413: a replica that
-    answered before reading the body reset the connection while nginx was still sending it,
-    and nginx said 502 instead (113 of these 120 before web.api.discard_body)."""
+    and is refused by a replica by its length; a body of the wrong type is refused before it
+    is read. Every client must get that answer: a replica that answered with the body unread
+    reset the connection while nginx was still sending it, and nginx said 502 instead (113
+    of these 120 oversized clips, before web.request_body)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def predict(_: int) -> tuple[int, str]:
+    def predict(i: int) -> tuple[int, str]:
+        ctype = "text/plain" if i % 4 == 3 else "audio/wav"
         status, _, body = stack.request("POST", "/api/v1/predict", b"\0" * (4 << 20),
-                                        {"Content-Type": "audio/wav"})
+                                        {"Content-Type": ctype})
         return status, json.loads(body)["error"]["code"]
 
     with ThreadPoolExecutor(4) as pool:
-        answers = Counter(pool.map(predict, range(120)))
-    assert answers == {(413, "too_large"): 120}, answers
-    status, _, body = stack.request("GET", "/api/v1/no-such-thing")
-    assert status == 404 and json.loads(body)["error"]  # the app's JSON 404, via nginx
+        answers = Counter(pool.map(predict, range(160)))
+    assert answers == {(413, "too_large"): 120, (415, "unsupported_media_type"): 40}, answers
 
 
 def test_locust_profile_runs_clean_through_nginx(stack: Stack) -> None:
