@@ -8,8 +8,9 @@ client 502 "No web replica could answer" instead of our answer (113 of 120 overs
 four at once; 13 of 30 wrong-type clips and 14 of 30 wrong-token uploads; CI failed on one
 6 MiB upload). Reading the rest, after the answer is decided, lets every client get it. A
 body past ``max_body_mb`` — bigger than any endpoint takes, and than nginx lets through — is
-not read: the reset is the cheaper answer then. Behind nginx the body is already buffered, so the read is a loopback copy;
-served directly, a slow client holds a thread while it sends, as any upload does.
+not read: the reset is the cheaper answer then. Behind nginx the body is already buffered,
+so the read is a loopback copy; served directly, a slow client holds a thread while it
+sends, as any upload does.
 """
 
 from __future__ import annotations
