@@ -90,6 +90,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                        "birdnet_teacher": True,
                                                        "birdnet_folds": 0},
                                                       {"frontend": "logmel+pcen"}),
+    # the served recipe's students at distillation temperature 4 instead of 2 (Hinton et al.
+    # 2015): softer targets carry more of the teachers' ranking of the wrong classes
+    "pcen-envelope-attention-t4-last": ({"envelope": True, "keep": "last",
+                                         "time_pool": "attention", "distill_temperature": 4.0},
+                                        {"frontend": "logmel+pcen"}),
+    "pcen-envelope-attention-t4-all": ({"envelope": True, "keep": "last", "validation": 0.0,
+                                        "time_pool": "attention", "distill_temperature": 4.0},
+                                       {"frontend": "logmel+pcen"}),
     "pcen-envelope-attention-birdnet-insample-all": ({"envelope": True, "keep": "last",
                                                       "validation": 0.0, "time_pool": "attention",
                                                       "birdnet_teacher": True, "birdnet_folds": 0},
