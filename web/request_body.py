@@ -21,21 +21,18 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from src.settings import get_settings
-
-MIB = 1 << 20
-CHUNK = 1 << 16
+from src.upload_checks import CHUNK, MIB
 
 
-def discard_rest() -> int:
-    """Read and drop what is left of this request's body; returns how many bytes that was.
-    A body already read (a form, ``read_body``) costs one empty read."""
+def discard_rest() -> None:
+    """Read and drop what is left of this request's body. A body already read (a form,
+    ``read_body``) costs one empty read."""
     left = get_settings().max_body_mb * MIB
     length = request.content_length
-    if (length or 0) > left:
-        return 0
-    if not length and not request.environ.get("wsgi.input_terminated"):
-        return 0  # no body (a plain GET under a server that does not mark chunked input)
-    if request.environ.get("wsgi.input_terminated"):
+    terminated = request.environ.get("wsgi.input_terminated")
+    if (length or 0) > left or not (length or terminated):
+        return  # too big to be worth reading, or no body at all
+    if terminated:
         # The server ends the stream (gunicorn: at Content-Length or the last chunk; werkzeug:
         # a de-chunked body): read it raw, past werkzeug's cap for this request too.
         stream = request.environ["wsgi.input"]
@@ -43,14 +40,11 @@ def discard_rest() -> int:
         try:
             stream = request.stream  # bounded by Content-Length: never past this request
         except RequestEntityTooLarge:  # over this request's own cap: not worth reading
-            return 0
-    dropped = 0
+            return
     # A client gone mid-body: the answer stands, and there is nothing left to drop.
     with contextlib.suppress(Exception):
         while left > 0 and (block := stream.read(min(CHUNK, left))):
             left -= len(block)
-            dropped += len(block)
-    return dropped
 
 
 def register(app: Flask) -> None:
