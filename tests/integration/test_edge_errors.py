@@ -13,6 +13,8 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,17 +89,17 @@ def test_gunicorn_answers_bad_headers_in_json(server) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-@pytest.fixture(scope="module")
-def nginx(server, tmp_path_factory):
+@contextmanager
+def running_nginx(prefix: Path, replica_ports: list[int]) -> Iterator[str]:
+    """The stack's nginx, rendered from its template, in front of ``replica_ports``."""
     from src import stack
 
     try:
         binary = stack.find_nginx()
     except stack.StackError as exc:
         unavailable(exc.message)
-    prefix = tmp_path_factory.mktemp("edge-nginx")
     port = free_port()
-    conf = stack.write_nginx_config(prefix, f"127.0.0.1:{port}", [server.port])
+    conf = stack.write_nginx_config(prefix, f"127.0.0.1:{port}", replica_ports)
     proc = subprocess.Popen(stack.nginx_argv(binary, prefix, conf), stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -110,11 +112,37 @@ def nginx(server, tmp_path_factory):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             log = (prefix / "logs" / "error.log")
+            proc.kill()
             pytest.fail(f"nginx did not start: {log.read_text() if log.exists() else '?'}")
         time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def nginx(server, tmp_path_factory):
+    with running_nginx(tmp_path_factory.mktemp("edge-nginx"), [server.port]) as url:
+        yield url
+
+
+def test_nginx_says_503_and_when_to_retry_when_no_replica_answers(tmp_path) -> None:
+    """Every replica down (a port nothing listens on): nginx meets a refused connection, a
+    502, and then a replica marked down, a 503; a client sees one status for both, JSON,
+    with a Retry-After, on reads and writes alike."""
+    with running_nginx(tmp_path / "nginx", [free_port()]) as url:
+        for _ in range(5):  # past max_fails: the replica is marked down after the third
+            for method, path in (("GET", "/api/v1/health"), ("POST", "/api/v1/predict")):
+                r = requests.request(method, url + path, data=b"x", timeout=30)
+                error = assert_envelope(r.status_code, dict(r.headers.lower_items()),
+                                        r.content, 503, "unavailable")
+                assert "try again" in error["message"]
+                assert int(r.headers["Retry-After"]) > 0
+                # which replica failed, and the id to find this request in the logs
+                assert r.headers["X-Upstream"].startswith("127.0.0.1:")
+                assert r.headers["X-Request-ID"]
 
 
 def test_nginx_answers_a_huge_url_and_headers_in_json(nginx) -> None:
