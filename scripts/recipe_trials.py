@@ -26,6 +26,17 @@ US8K = ROOT.parent / "shared" / "us8k"
 OUT = ROOT / "var" / "trials"
 DEFAULT_EPOCHS = 40
 
+
+def served_recipe_variants(name: str, **changes: Any) -> dict[str, tuple[dict[str, Any],
+                                                                         dict[str, Any]]]:
+    """One change to the served recipe, as the two runs a trial of it needs: students with
+    15% held out (``-last``, judged on validation) and the refit on every clip (``-all``)."""
+    recipe = {"envelope": True, "keep": "last", "time_pool": "attention", **changes}
+    features = {"frontend": "logmel+pcen"}
+    return {f"pcen-envelope-attention-{name}-last": (recipe, features),
+            f"pcen-envelope-attention-{name}-all": ({**recipe, "validation": 0.0}, features)}
+
+
 #: name -> (TrainConfig changes, FeatureConfig changes) from ``BASE``, the log-mel recipe that
 #: served until PCEN won (its teachers: models/20261126T*); each variant names what it changes.
 #: "pcen-envelope" is today's default recipe.
@@ -92,21 +103,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                                       {"frontend": "logmel+pcen"}),
     # the served recipe's students at distillation temperature 4 instead of 2 (Hinton et al.
     # 2015): softer targets carry more of the teachers' ranking of the wrong classes
-    "pcen-envelope-attention-t4-last": ({"envelope": True, "keep": "last",
-                                         "time_pool": "attention", "distill_temperature": 4.0},
-                                        {"frontend": "logmel+pcen"}),
-    "pcen-envelope-attention-t4-all": ({"envelope": True, "keep": "last", "validation": 0.0,
-                                        "time_pool": "attention", "distill_temperature": 4.0},
-                                       {"frontend": "logmel+pcen"}),
+    **served_recipe_variants("t4", distill_temperature=4.0),
     # the served recipe with a longer weight average (SWA-like, Izmailov et al. 2018): EMA
     # decay 0.999, which fit's cap turns into a horizon of a quarter of the schedule (~10
     # epochs) instead of 0.995's ~4
-    "pcen-envelope-attention-ema-last": ({"envelope": True, "keep": "last",
-                                          "time_pool": "attention", "ema_decay": 0.999},
-                                         {"frontend": "logmel+pcen"}),
-    "pcen-envelope-attention-ema-all": ({"envelope": True, "keep": "last", "validation": 0.0,
-                                         "time_pool": "attention", "ema_decay": 0.999},
-                                        {"frontend": "logmel+pcen"}),
+    **served_recipe_variants("ema", ema_decay=0.999),
     "pcen-envelope-attention-birdnet-insample-all": ({"envelope": True, "keep": "last",
                                                       "validation": 0.0, "time_pool": "attention",
                                                       "birdnet_teacher": True, "birdnet_folds": 0},
