@@ -89,18 +89,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
                                      {"frontend": "logmel+pcen"}),
     # BirdNET's linear probe as a second teacher beside the CNN teachers (src/birdnet.py):
     # held out (judged on validation) and refit
-    "pcen-envelope-attention-birdnet-last": ({"envelope": True, "keep": "last",
-                                              "time_pool": "attention", "birdnet_teacher": True},
-                                             {"frontend": "logmel+pcen"}),
-    "pcen-envelope-attention-birdnet-all": ({"envelope": True, "keep": "last", "validation": 0.0,
-                                             "time_pool": "attention", "birdnet_teacher": True},
-                                            {"frontend": "logmel+pcen"}),
+    **served_recipe_variants("birdnet", birdnet_teacher=True),
     # the same with the probe fitted on every clip it teaches (in-sample), as the CNN teachers
-    "pcen-envelope-attention-birdnet-insample-last": ({"envelope": True, "keep": "last",
-                                                       "time_pool": "attention",
-                                                       "birdnet_teacher": True,
-                                                       "birdnet_folds": 0},
-                                                      {"frontend": "logmel+pcen"}),
+    **served_recipe_variants("birdnet-insample", birdnet_teacher=True, birdnet_folds=0),
     # the served recipe's students at distillation temperature 4 instead of 2 (Hinton et al.
     # 2015): softer targets carry more of the teachers' ranking of the wrong classes
     **served_recipe_variants("t4", distill_temperature=4.0),
@@ -108,10 +99,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # decay 0.999, which fit's cap turns into a horizon of a quarter of the schedule (~10
     # epochs) instead of 0.995's ~4
     **served_recipe_variants("ema", ema_decay=0.999),
-    "pcen-envelope-attention-birdnet-insample-all": ({"envelope": True, "keep": "last",
-                                                      "validation": 0.0, "time_pool": "attention",
-                                                      "birdnet_teacher": True, "birdnet_folds": 0},
-                                                     {"frontend": "logmel+pcen"}),
 }
 
 

@@ -86,16 +86,16 @@ def test_directional_mixing_in_a_siren_raises_siren(predictor, us8k):
 
     backgrounds = [peak_normalised(c) for c in idles]
     before = [siren_probability(bg / 2) for bg in backgrounds]
-    rises = [siren_probability((bg + s) / 2) > p
-             for s in map(peak_normalised, sirens) for bg, p in zip(backgrounds, before,
-                                                                      strict=True)]
+    per_siren = [[siren_probability((bg + s) / 2) > p
+                  for bg, p in zip(backgrounds, before, strict=True)]
+                 for s in map(peak_normalised, sirens)]
+    rises = [rose for mixes in per_siren for rose in mixes]
     # the count itself, for the decisions log (``pytest -rP`` shows it when the test passes),
     # and per siren clip: a few clips of two recordings decide it (docs/trial-decisions.md,
     # 5 Dec 07:31)
     print(f"siren rose in {sum(rises)} of {len(rises)} mixes ({predictor.precision})")
-    per_clip = len(backgrounds)
-    for i, siren in enumerate(sirens):
-        print(f"  {siren.path.name}: {sum(rises[i * per_clip:(i + 1) * per_clip])} of {per_clip}")
+    for siren, mixes in zip(sirens, per_siren, strict=True):
+        print(f"  {siren.path.name}: {sum(mixes)} of {len(mixes)}")
     assert len(rises) >= 40, "too few fold-3 sirens to judge a rate"
     assert sum(rises) / len(rises) >= 0.9, f"siren rose in {sum(rises)} of {len(rises)} mixes"
 
