@@ -4,12 +4,14 @@ uses, with its JSON-error worker) and real nginx (the stack's template) in front
 Shown: a 100,000-character URL, an oversized header, too many headers and a request that is
 not HTTP get the API's ``{"error": {"code", "message"}}`` with the right status from gunicorn
 and from nginx; nginx's ``limit_req`` answers floods of login attempts (a page) and of
-mutating API calls (JSON, ``Retry-After``) before they reach a replica.
+mutating API calls (JSON, ``Retry-After``) before they reach a replica; no replica
+answering is one 503 and a replica too slow a 504, each naming the replica and the request.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -90,8 +92,10 @@ def test_gunicorn_answers_bad_headers_in_json(server) -> None:
 
 
 @contextmanager
-def running_nginx(prefix: Path, replica_ports: list[int]) -> Iterator[str]:
-    """The stack's nginx, rendered from its template, in front of ``replica_ports``."""
+def running_nginx(prefix: Path, replica_ports: list[int],
+                  template: Path | None = None) -> Iterator[str]:
+    """The stack's nginx, rendered from its template (or ``template``), in front of
+    ``replica_ports``."""
     from src import stack
 
     try:
@@ -99,7 +103,8 @@ def running_nginx(prefix: Path, replica_ports: list[int]) -> Iterator[str]:
     except stack.StackError as exc:
         unavailable(exc.message)
     port = free_port()
-    conf = stack.write_nginx_config(prefix, f"127.0.0.1:{port}", replica_ports)
+    conf = stack.write_nginx_config(prefix, f"127.0.0.1:{port}", replica_ports,
+                                    template=template or stack.TEMPLATE)
     proc = subprocess.Popen(stack.nginx_argv(binary, prefix, conf), stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -145,6 +150,33 @@ def test_nginx_says_503_and_when_to_retry_when_no_replica_answers(tmp_path) -> N
                 assert r.headers["X-Request-ID"]
 
 
+def test_nginx_says_504_timeout_when_a_replica_is_too_slow(tmp_path) -> None:
+    """A replica that takes the request and never answers (a socket that listens and reads
+    nothing: the kernel accepts for it) is a timeout, not "unavailable": JSON 504 with the
+    replica's address and the request id. The template's read timeouts (30 s on predict, 130 s
+    elsewhere) are cut to 1 s in a copy; the routing of the error is what is under test."""
+    from src import stack
+
+    fast = re.sub(r"proxy_read_timeout \d+s;", "proxy_read_timeout 1s;",
+                  stack.TEMPLATE.read_text())
+    assert fast.count("proxy_read_timeout 1s;") == 2  # the server's and predict's
+    template = tmp_path / "nginx.conf.template"
+    template.write_text(fast)
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as silent:
+        port = silent.getsockname()[1]
+        with running_nginx(tmp_path / "nginx", [port], template) as url:
+            # two requests, under max_fails (3): a third timeout would mark the replica down
+            for method, path in (("POST", "/api/v1/predict"), ("GET", "/api/v1/health")):
+                started = time.monotonic()
+                r = requests.request(method, url + path, data=b"x", timeout=30)
+                error = assert_envelope(r.status_code, dict(r.headers.lower_items()),
+                                        r.content, 504, "timeout")
+                assert "in time" in error["message"] and "analyze" in error["message"]
+                assert r.headers["X-Upstream"] == f"127.0.0.1:{port}"
+                assert r.headers["X-Request-ID"]
+                assert time.monotonic() - started < 10  # the cut timeout, not a default
+
+
 def test_nginx_answers_a_huge_url_and_headers_in_json(nginx) -> None:
     r = requests.get(nginx + LONG_PATH, timeout=30)
     assert r.status_code == 414 and r.headers["Content-Type"] == "application/json"
@@ -163,6 +195,7 @@ def test_nginx_limits_floods_of_mutating_calls(nginx) -> None:
     last = statuses[-1]
     assert last.json()["error"]["code"] == "too_many_requests"
     assert int(last.headers["Retry-After"]) > 0
+    assert last.headers["X-Request-ID"]  # nginx answered alone, and still names the request
     # predictions and reads are not part of it
     assert requests.post(nginx + "/api/v1/predict", timeout=30).status_code == 400
     assert requests.get(nginx + "/api/v1/models", timeout=30).status_code == 200
@@ -175,4 +208,5 @@ def test_nginx_limits_login_attempts_with_a_page(nginx) -> None:
     r = requests.post(nginx + "/login", data={}, timeout=30)
     assert r.status_code == 429 and r.headers["Content-Type"].startswith("text/html")
     assert "Too many login attempts" in r.text and int(r.headers["Retry-After"]) > 0
+    assert r.headers["X-Request-ID"]
     assert requests.get(nginx + "/login", timeout=30).status_code == 200  # the form still shows
