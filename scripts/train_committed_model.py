@@ -90,7 +90,7 @@ URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/train_committed_model.py
 REFIT_REPRODUCE = """git checkout {commit}   # the code that trained the refit students
 {teacher_runs}
 URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py {variant} \\
-    --seeds {seeds} --teachers {teachers}
+    --seeds {seeds}{epochs} --teachers {teachers}
 .venv/bin/python scripts/train_committed_model.py --teachers {teachers} \\
     --students var/trials/{variant}-student-s{seed}.pt --spread ... --refit-verdict ...
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
@@ -277,15 +277,20 @@ def replacement_note(served: dict[str, Any], replaced: dict[str, Any] | None) ->
             "decided it was written before the line ran: docs/trial-decisions.md."]
 
 
+def epochs_option(ckpt: dict[str, Any]) -> str:
+    """``recipe_trials.py``'s option for the run's schedule, when it is not the default."""
+    epochs = ckpt["data"]["train_config"]["epochs"]
+    return f" --epochs {epochs}" if epochs != DEFAULT_EPOCHS else ""
+
+
 def trial_command(ckpt: dict[str, Any]) -> str:
     """The ``recipe_trials.py`` run that trains a published teacher again (its file under
     var/trials/ is what ``--teachers`` then takes, in place of models/VERSION.pt)."""
-    epochs = ckpt["data"]["train_config"]["epochs"]
     # a teacher that is itself a student (born-again, 4 Dec) is trained from its own teachers
     own = " ".join(f"models/{t}.pt" for t in ckpt["data"].get("teachers", []))
     return (f"URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
             f"{variant_of(ckpt)} --seeds {seed_of(ckpt)}"
-            + (f" --epochs {epochs}" if epochs != DEFAULT_EPOCHS else "")
+            + epochs_option(ckpt)
             + (f" --teachers {own}" if own else "")
             + f"   # the recipe of the teacher {ckpt['version']}")
 
@@ -310,7 +315,7 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                f"decides instead: {refit_verdict}")
         variant = variant_of(served)
         reproduce = REFIT_REPRODUCE.format(
-            commit=commit, seed=seed_of(served), variant=variant,
+            commit=commit, seed=seed_of(served), variant=variant, epochs=epochs_option(served),
             teacher_runs="\n".join(map(trial_command, teachers)),
             seeds=" ".join(str(seed_of(s)) for s in students),
             teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))

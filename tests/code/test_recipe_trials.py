@@ -80,3 +80,13 @@ def test_a_teacher_that_is_a_student_is_trained_again_from_its_own_teachers(tria
             "models/20261202T214819Z-78aac3.pt models/20261202T214819Z-e7db9d.pt") in line
     plain = checkpoint(trials, "pcen-attention", seed=0)
     assert "--teachers" not in committed.trial_command(plain)
+
+
+def test_a_longer_schedule_is_named_in_the_commands_that_train_it_again(trials, committed):
+    # 5 Dec: the 80-epoch students; the default schedule stays implicit
+    run = checkpoint(trials, "pcen-envelope-attention-all", seed=4)
+    assert "--epochs" not in committed.trial_command(run)
+    run["data"]["train_config"]["epochs"] = 80
+    assert committed.epochs_option(run) == " --epochs 80"
+    assert "--seeds 4 --epochs 80" in committed.trial_command(run)
+    assert "{epochs}" in committed.REFIT_REPRODUCE  # the served refit's own line says it too
