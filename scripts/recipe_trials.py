@@ -278,8 +278,8 @@ def main() -> None:
     # before any run: a grouped run writes its summary only once its last fold has trained
     OUT.mkdir(parents=True, exist_ok=True)
     if args.compare:
-        compare(*args.compare, keys=("kept_val_f1",) if args.validation else
-                ("accuracy", "macro_f1"))
+        a, b = args.compare
+        compare(a, b, keys=("kept_val_f1",) if args.validation else ("accuracy", "macro_f1"))
         return
     if args.report or not args.variant:
         report()

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 AUDIO = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".mp3": "audio/mpeg"}
@@ -155,8 +156,9 @@ def predict_loop(url: str, clip: str, stop_file: str) -> None:
 
 
 if __name__ == "__main__":
-    commands = {"predict": predict, "upload": upload, "retrain": retrain, "wait": wait,
-                "predict-loop": predict_loop}
+    commands: dict[str, Callable[..., None]] = {
+        "predict": predict, "upload": upload, "retrain": retrain, "wait": wait,
+        "predict-loop": predict_loop}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         fail(f"usage: {__doc__}")
     commands[sys.argv[1]](*sys.argv[2:])
