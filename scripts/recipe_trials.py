@@ -193,7 +193,9 @@ def run_grouped(name: str, seed: int, epochs: int, k: int, cache: Path) -> None:
 def recorded() -> dict[tuple[str, str, int], dict[str, Any]]:
     """Every recorded run by (variant, protocol, seed); a seed run again (a reproduction
     check) counts once: the latest."""
-    rows = [json.loads(line) for line in (OUT / "results.jsonl").read_text().splitlines()]
+    results = OUT / "results.jsonl"  # written by the first run to finish (none in a new checkout)
+    rows = ([json.loads(line) for line in results.read_text().splitlines()]
+            if results.exists() else [])
     return {(r["variant"], r["protocol"], r["seed"]): r for r in rows}
 
 
