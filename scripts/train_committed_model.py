@@ -55,7 +55,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from recipe_trials import DEFAULT_EPOCHS, variant_of  # scripts/, beside this one
+from recipe_trials import DEFAULT_EPOCHS, run_label, variant_of  # scripts/, beside this one
 
 from src import registry
 from src.model import TrainConfig, is_refit, kept_val_f1, load_checkpoint, save_checkpoint
@@ -92,7 +92,7 @@ REFIT_REPRODUCE = """git checkout {commit}   # the code that trained the refit s
 URBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py {variant} \\
     --seeds {seeds}{epochs} --teachers {teachers}
 .venv/bin/python scripts/train_committed_model.py --teachers {teachers} \\
-    --students var/trials/{variant}-student-s{seed}.pt --spread ... --refit-verdict ...
+    --students var/trials/{label}-s{seed}.pt --spread ... --refit-verdict ...
 .venv/bin/urbansound evaluate --data ../shared/us8k --folds 3 --json"""
 
 
@@ -301,6 +301,26 @@ def seed_row(run: dict[str, Any]) -> dict[str, Any]:
             "accuracy": run["metrics"]["accuracy"], "macro_f1": run["metrics"]["macro_f1"]}
 
 
+def refit_reproduce(served: dict[str, Any], students: list[dict[str, Any]],
+                    teachers: list[dict[str, Any]], commit: str,
+                    validation: dict[str, Any] | None) -> str:
+    """The card's Reproduce block for a served refit: its teachers' runs, its own (schedule
+    included: the file name and the options are those the run had), the publishing call and,
+    with ``validation``, the grouped run the card's summary came from."""
+    variant = variant_of(served)
+    reproduce = REFIT_REPRODUCE.format(
+        commit=commit, seed=seed_of(served), variant=variant, epochs=epochs_option(served),
+        label=run_label(variant, served["data"]["train_config"]["epochs"], student=True),
+        teacher_runs="\n".join(map(trial_command, teachers)),
+        seeds=" ".join(str(seed_of(s)) for s in students),
+        teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
+    if validation:  # the section's summary: var/trials/{variant}-grouped3-s{seed}.json
+        reproduce += (f"\nURBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
+                      f"{variant} --protocol grouped --seeds "
+                      f"{validation['train_config']['seed']}   # the validation protocol")
+    return reproduce
+
+
 def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidates: int,
                plain: list[dict[str, Any]], validation: dict[str, Any] | None,
                models: Path, teachers: list[dict[str, Any]], commit: str,
@@ -313,16 +333,7 @@ def write_card(served: dict[str, Any], students: list[dict[str, Any]], candidate
                f"{seed_of(served)}, declared before it ran{spread}. A refit has no validation "
                f"score for the gate; the rule declared for it (docs/trial-decisions.md) "
                f"decides instead: {refit_verdict}")
-        variant = variant_of(served)
-        reproduce = REFIT_REPRODUCE.format(
-            commit=commit, seed=seed_of(served), variant=variant, epochs=epochs_option(served),
-            teacher_runs="\n".join(map(trial_command, teachers)),
-            seeds=" ".join(str(seed_of(s)) for s in students),
-            teachers=" ".join(f"models/{t}.pt" for t in served["data"]["teachers"]))
-        if validation:  # the section's summary: var/trials/{variant}-grouped3-s{seed}.json
-            reproduce += (f"\nURBANSOUND_TORCH_THREADS=1 .venv/bin/python scripts/recipe_trials.py "
-                          f"{variant} --protocol grouped --seeds "
-                          f"{validation['train_config']['seed']}   # the validation protocol")
+        reproduce = refit_reproduce(served, students, teachers, commit, validation)
     else:
         why = (f"Served: the best validation macro-F1 of the weights kept (inside the training "
                f"folds) of {candidates} students and {len(plain)} runs without teachers, chosen "

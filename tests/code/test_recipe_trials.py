@@ -84,9 +84,20 @@ def test_a_teacher_that_is_a_student_is_trained_again_from_its_own_teachers(tria
 
 def test_a_longer_schedule_is_named_in_the_commands_that_train_it_again(trials, committed):
     # 5 Dec: the 80-epoch students; the default schedule stays implicit
-    run = checkpoint(trials, "pcen-envelope-attention-all", seed=4)
-    assert "--epochs" not in committed.trial_command(run)
-    run["data"]["train_config"]["epochs"] = 80
+    teacher = checkpoint(trials, "pcen-envelope", seed=0)
+    teacher["data"]["teachers"] = []
+    assert "--epochs" not in committed.trial_command(teacher)
+    run = checkpoint(trials, "pcen-envelope-attention-all", seed=4, epochs=80)
+    run["data"]["teachers"] = ["20261202T214819Z-78aac3"]
     assert committed.epochs_option(run) == " --epochs 80"
     assert "--seeds 4 --epochs 80" in committed.trial_command(run)
-    assert "{epochs}" in committed.REFIT_REPRODUCE  # the served refit's own line says it too
+    block = committed.refit_reproduce(run, [run], [teacher], "abc1234", None)
+    assert ("recipe_trials.py pcen-envelope-attention-all \\\n    --seeds 4 --epochs 80 "
+            "--teachers models/20261202T214819Z-78aac3.pt") in block
+    # the file that run wrote, which the publishing call takes
+    assert "--students var/trials/pcen-envelope-attention-all-student-e80-s4.pt" in block
+    at_forty = checkpoint(trials, "pcen-envelope-attention-all", seed=3)
+    at_forty["data"]["teachers"] = ["20261202T214819Z-78aac3"]
+    block = committed.refit_reproduce(at_forty, [at_forty], [teacher], "abc1234", None)
+    assert "--epochs" not in block
+    assert "var/trials/pcen-envelope-attention-all-student-s3.pt" in block
