@@ -10,7 +10,7 @@ import tempfile
 import time
 from typing import IO, Any
 
-from apiflask import APIBlueprint, APIFlask
+from apiflask import APIBlueprint, APIFlask, fields
 from flask import Response, render_template, request, url_for
 from werkzeug.utils import secure_filename
 
@@ -95,6 +95,13 @@ REQUEST_BODIES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+def location_header(description: str) -> fields.String:
+    """A response's ``Location`` header for the OpenAPI document. APIFlask documents header
+    *fields*; a plain dict of OpenAPI keys, as these were until 5 Dec, rendered as no header
+    at all (mypy found it)."""
+    return fields.String(required=True, metadata={"description": description})
+
+
 def add_request_bodies(spec: dict) -> dict:
     """Bodies that are files or raw bytes are described here, not with ``@input``: the views
     read them as streams (bounded by size limits) instead of through a schema."""
@@ -105,11 +112,11 @@ def add_request_bodies(spec: dict) -> dict:
     schemas_ = spec.get("components", {}).get("schemas", {})
     for operations in spec.get("paths", {}).values():  # a JSON body with required fields is
         for operation in operations.values():          # itself required (apispec omits it)
-            body = operation.get("requestBody") if isinstance(operation, dict) else None
-            ref = (((body or {}).get("content") or {}).get("application/json") or {}) \
+            declared = operation.get("requestBody") if isinstance(operation, dict) else None
+            ref = (((declared or {}).get("content") or {}).get("application/json") or {}) \
                 .get("schema", {}).get("$ref", "")
             if ref and schemas_.get(ref.rsplit("/", 1)[-1], {}).get("required"):
-                body["required"] = True
+                declared["required"] = True
     too_many = {"description": "Too many failed authentications or changes from this address "
                 "(see Retry-After)", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/HTTPError"}}}}
@@ -547,7 +554,7 @@ def upload_report(report: Any) -> dict[str, Any]:
 @api.post("/uploads")
 @api.auth_required(token_auth)
 @api.output(schemas.UploadReport, status_code=201, headers={
-    "Location": {"description": "The upload's record", "type": "string"}})
+    "Location": location_header("The upload's record")})
 @api.doc(responses={
     400: "No files, or an unknown label", 413: "The request is larger than "
     "URBANSOUND_MAX_UPLOAD_MB", 415: "Neither multipart nor a zip body",
@@ -629,7 +636,7 @@ def retrain_plan():
 @api.auth_required(token_auth)
 @api.input(schemas.RetrainIn, location="json", arg_name="body")
 @api.output(schemas.RetrainOut, status_code=202, headers={
-    "Location": {"description": "Poll this job", "type": "string"}})
+    "Location": location_header("Poll this job")})
 @api.doc(responses={
     200: "A job was already queued or running: that job (created = false)",
     400: "The body is not valid JSON", 409: "Nothing a retrain could use yet (see `plan`)",

@@ -562,6 +562,10 @@ def test_openapi_document_and_docs_page(client):
         assert path in paths, path
     assert "multipart/form-data" in paths["/api/v1/predict"]["post"]["requestBody"]["content"]
     assert paths["/api/v1/retrain"]["post"]["security"]
+    # where to find what was created or queued (a dict of OpenAPI keys here rendered as none)
+    for path, status in (("/api/v1/uploads", "201"), ("/api/v1/retrain", "202")):
+        header = paths[path]["post"]["responses"][status]["headers"]["Location"]
+        assert header["schema"]["type"] == "string" and header["description"], header
     assert "security" not in paths["/api/v1/predict"]["post"]
     page = client.get("/api/v1/docs")
     assert page.status_code == 200 and page.mimetype == "text/html"
