@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,7 +69,8 @@ def split_fold(us8k: Path, fold: int, n_upload: int, seed: int) -> tuple[list, l
         by_group[clip.group].append(clip)
     groups = sorted(by_group)
     random.Random(seed).shuffle(groups)
-    uploads, used = [], set()
+    uploads: list[Any] = []
+    used: set[str] = set()
     for g in groups:
         if len(uploads) >= n_upload:
             break
@@ -112,9 +114,11 @@ def worker_cpu_seconds(worker: str) -> float | None:
     import re
 
     match = re.search(r"\(pid (\d+) on ", worker)
+    if match is None:  # no pool process named
+        return None
     try:
         fields = Path(f"/proc/{match[1]}/stat").read_text().rsplit(")", 1)[1].split()
-    except (TypeError, OSError, IndexError):
+    except (OSError, IndexError):
         return None
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 

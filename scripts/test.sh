@@ -29,7 +29,7 @@ if [[ $# -eq 0 ]]; then
 fi
 
 .venv/bin/ruff check .
-.venv/bin/mypy src
+.venv/bin/mypy  # src (strict), web, worker, scripts, benchmarks: pyproject.toml
 
 if [[ -n $docker_pid ]]; then
   if wait "$docker_pid"; then

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 import soundfile as sf
@@ -37,7 +37,7 @@ CLASSES: tuple[str, ...] = (
     "street_music",
 )
 
-AudioSource = str | Path | bytes | BinaryIO
+AudioSource = str | Path | bytes | IO[bytes]
 
 
 # Undecodable bytes are an unsupported media type; a file that decodes but cannot be used

@@ -54,10 +54,10 @@ def timeline_figure(result: dict[str, Any]) -> Figure:
     ax.set_xticks(ticks)
     # the axes reach both edges of the image: a centred label on the first or last tick would
     # be cut in half, so those two hang inwards from their tick
-    for t, label in zip(ticks, ax.get_xticklabels(), strict=True):
-        if t <= 0.03 * duration:
+    for tick, label in zip(ticks, ax.get_xticklabels(), strict=True):
+        if tick <= 0.03 * duration:
             label.set_horizontalalignment("left")
-        elif t >= 0.97 * duration:
+        elif tick >= 0.97 * duration:
             label.set_horizontalalignment("right")
     ax.tick_params(axis="x", direction="in", pad=-12, labelsize=7)
     ax.tick_params(axis="y", direction="in", pad=-22, labelsize=7)

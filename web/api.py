@@ -8,7 +8,7 @@ import io
 import logging
 import tempfile
 import time
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from apiflask import APIBlueprint, APIFlask, fields
 from flask import Response, render_template, request, url_for
@@ -102,9 +102,12 @@ def location_header(description: str) -> fields.String:
     return fields.String(required=True, metadata={"description": description})
 
 
-def add_request_bodies(spec: dict) -> dict:
+def add_request_bodies(spec: dict | str) -> dict | str:
     """Bodies that are files or raw bytes are described here, not with ``@input``: the views
-    read them as streams (bounded by size limits) instead of through a schema."""
+    read them as streams (bounded by size limits) instead of through a schema. (APIFlask hands
+    a spec processor text when asked for a YAML document, which has nothing to add.)"""
+    if isinstance(spec, str):
+        return spec
     for (path, method), body in REQUEST_BODIES.items():
         operation = spec.get("paths", {}).get(path, {}).get(method)
         if operation is not None:
@@ -115,7 +118,7 @@ def add_request_bodies(spec: dict) -> dict:
             declared = operation.get("requestBody") if isinstance(operation, dict) else None
             ref = (((declared or {}).get("content") or {}).get("application/json") or {}) \
                 .get("schema", {}).get("$ref", "")
-            if ref and schemas_.get(ref.rsplit("/", 1)[-1], {}).get("required"):
+            if declared and ref and schemas_.get(ref.rsplit("/", 1)[-1], {}).get("required"):
                 declared["required"] = True
     too_many = {"description": "Too many failed authentications or changes from this address "
                 "(see Retry-After)", "content": {"application/json": {
@@ -405,7 +408,8 @@ def analyze_recording(stream: IO[bytes], name: str | None, params: dict[str, Any
 @api.post("/analyze")
 @api.input(schemas.AnalyzeQuery, location="query", arg_name="query")
 @api.output(schemas.AnalysisOut)
-@api.doc(responses={
+# APIFlask's annotation takes all descriptions or all response objects; it renders a mix
+@api.doc(responses={  # type: ignore[arg-type]
     202: {"description": "Longer than URBANSOUND_ANALYZE_SYNC_MAX_S: a job was queued; poll "
           "the Location (`GET /analyses/{job_id}`)", "content": {"application/json": {
               "schema": {"$ref": "#/components/schemas/AnalysisJob"}}}},
@@ -871,12 +875,12 @@ def docs():
     """The OpenAPI document rendered as a page (no external scripts)."""
     from flask import current_app
 
-    return render_template("api_docs.html", spec=current_app.spec)
+    return render_template("api_docs.html", spec=cast(APIFlask, current_app).spec)
 
 
 def register_prometheus(app: APIFlask) -> None:
     @app.get("/metrics")
-    @app.doc(summary="Prometheus metrics", tags=["Operations"], responses={
+    @app.doc(summary="Prometheus metrics", tags=["Operations"], responses={  # type: ignore[arg-type]
         200: {"description": "Prometheus text format, all workers merged",
               "content": {"text/plain": {"schema": {"type": "string"}}}}})
     def prometheus_metrics():

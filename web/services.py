@@ -25,7 +25,7 @@ from src.monitoring import Monitor
 from src.settings import Settings
 
 if TYPE_CHECKING:
-    from src.prediction import PointerState
+    from src.prediction import LivePredictor, PointerState
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class LivePredictorHolder:
         self.models_dir = Path(models_dir)
         self.poll_s = poll_s
         self.precision = precision
-        self._live = None
+        self._live: LivePredictor | None = None
         self._lock = threading.Lock()
         self._last_try = 0.0
         self.error: str | None = None

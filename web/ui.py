@@ -326,7 +326,8 @@ def visuals_state() -> tuple[list | None, str | None]:
 @ui.get("/data")
 def data_page():
     visuals, visuals_error = visuals_state()
-    stats, uploads, db_error = None, [], None
+    stats, db_error = None, None
+    uploads: list[dict[str, Any]] = []
     try:
         stats = services.upload_stats()
         uploads, _ = services.list_uploads(10, 0)

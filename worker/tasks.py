@@ -102,7 +102,7 @@ def allow_child_processes(**_: Any) -> None:
     (celery#4525); a hard time limit or ``kill -9`` of the worker's group ends them all."""
     import multiprocessing
 
-    multiprocessing.current_process()._config["daemon"] = False
+    multiprocessing.current_process()._config["daemon"] = False  # type: ignore[attr-defined]
 
 
 @worker_ready.connect
