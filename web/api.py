@@ -116,9 +116,11 @@ def add_request_bodies(spec: dict | str) -> dict | str:
     for operations in spec.get("paths", {}).values():  # a JSON body with required fields is
         for operation in operations.values():          # itself required (apispec omits it)
             declared = operation.get("requestBody") if isinstance(operation, dict) else None
-            ref = (((declared or {}).get("content") or {}).get("application/json") or {}) \
+            if not declared:
+                continue
+            ref = ((declared.get("content") or {}).get("application/json") or {}) \
                 .get("schema", {}).get("$ref", "")
-            if declared and ref and schemas_.get(ref.rsplit("/", 1)[-1], {}).get("required"):
+            if ref and schemas_.get(ref.rsplit("/", 1)[-1], {}).get("required"):
                 declared["required"] = True
     too_many = {"description": "Too many failed authentications or changes from this address "
                 "(see Retry-After)", "content": {"application/json": {
