@@ -1,6 +1,7 @@
 """Does waveform-rate band-envelope modulation add information beyond the spectral envelope?
 
     .venv/bin/python scripts/modulation_probe.py      # ~3 min on one core
+    .venv/bin/python scripts/modulation_probe.py envelope envelope+finelow envelope+harmonic
 
 Linear probes (standardised logistic regression) on recordings held out inside the training
 folds of ../shared/us8k: the grouped 3-fold protocol's own folds (``crossval.grouped_folds``,
@@ -9,11 +10,16 @@ modulation branch beside the CNN; this one asks the same question without the te
 Features: the spectral envelope (each log-mel band's mean and spread, what the model's
 envelope branch sees) and the modulation spectrum of 8 band envelopes at a 689 Hz frame rate
 (12 log-spaced bins, 1-320 Hz: an engine's firing rate is tens of Hz, above the 43 Hz
-frames of the CNN's image), each alone and together.
+frames of the CNN's image), each alone and together. Two more sets ask whether finer
+low-frequency resolution would help (the direction "more mel bands at low frequency"): the
+clip's average spectrum below 600 Hz at 2.7 Hz resolution (``finelow``) and that spectrum's
+periodicity whatever its fundamental (``harmonic``). Name the sets to probe; sets join
+features with '+'.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from pathlib import Path
 
@@ -59,16 +65,50 @@ def modulation_features(y: np.ndarray, bands: int = 8) -> np.ndarray:
     return (spectrum - spectrum.mean(0)).ravel()
 
 
+def fine_low_features(y: np.ndarray) -> np.ndarray:
+    """The shape of the clip's average spectrum below 600 Hz at 2.7 Hz resolution: mains hum
+    and an engine's harmonics are tens of Hz apart, and a 64-band mel image (bands ~67 Hz wide
+    there, 21.5 Hz FFT bins) blurs them into one or two bands."""
+    power = stft_power(y, 8192, 2048).mean(0)
+    freqs = np.fft.rfftfreq(8192, 1 / SR)
+    spectrum = np.log(power[(freqs >= 10) & (freqs < 600)] + 1e-8)
+    return spectrum - spectrum.mean()
+
+
+def harmonic_features(y: np.ndarray) -> np.ndarray:
+    """How periodic that fine spectrum is, whatever its fundamental: the magnitude of the
+    cepstrum of the 10-1000 Hz log spectrum at spacings of 5-100 Hz, so an engine at 800 rpm
+    and one at 1,200 rpm look alike."""
+    power = stft_power(y, 8192, 2048).mean(0)
+    freqs = np.fft.rfftfreq(8192, 1 / SR)
+    spectrum = np.log(power[(freqs >= 10) & (freqs < 1000)] + 1e-8)
+    spectrum -= spectrum.mean()
+    ceps = np.abs(np.fft.rfft(spectrum * np.hanning(len(spectrum))))
+    spacing = len(spectrum) * (freqs[1] - freqs[0]) / np.maximum(np.arange(len(ceps)), 1)
+    keep = (spacing >= 5) & (spacing <= 100)
+    return np.log(ceps[keep] + 1e-8)
+
+
+FEATURES = {"envelope": envelope_features, "modulation": modulation_features,
+            "finelow": fine_low_features, "harmonic": harmonic_features}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sets", nargs="*", default=["envelope", "modulation",
+                                                    "envelope+modulation"],
+                        help="feature sets to probe, each names joined by '+' "
+                             f"(from {', '.join(FEATURES)})")
+    args = parser.parse_args()
     clips = [c for c in read_us8k(US8K) if c.fold != 3]
     waves = [load_clip(c.path) for c in clips]
-    x_env = np.array([envelope_features(w) for w in waves])
-    x_mod = np.array([modulation_features(w) for w in waves])
+    needed = {n for s in args.sets for n in s.split("+")}
+    x_of = {n: np.array([FEATURES[n](w) for w in waves]) for n in needed}
     y = np.array([CLASSES.index(c.label) for c in clips])
     machine = np.isin(y, [CLASSES.index(c) for c in MACHINE])
     folds = grouped_folds(clips, k=3, seed=0)
-    for name, x in (("envelope", x_env), ("modulation", x_mod),
-                    ("envelope+modulation", np.hstack([x_env, x_mod]))):
+    for name in args.sets:
+        x = np.hstack([x_of[n] for n in name.split("+")])
         for c in (0.01, 0.1):
             accs, machine_accs = [], []
             for f in folds:
