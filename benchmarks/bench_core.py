@@ -6,7 +6,8 @@
 2. one training epoch over the fold 1, 2, 4-9 clips, seconds (waveforms cached);
 3. single-clip predict latency from bytes to label, one thread, median and p95, on the
    original-bytes clips (24-96 kHz WAV, so resampling is included), as served (``auto``
-   precision: the conv body in bfloat16 where the CPU has native kernels) and in float32;
+   precision: the conv body in bfloat16 where the CPU has native kernels), in float32, and
+   untraced (the eager path a predictor takes where TorchScript tracing fails);
 4. the naive stack on the same clips in the same run — librosa.load + melspectrogram + the
    reference CNN — and the speed-up ratio.
 """
@@ -18,6 +19,7 @@ import io
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -77,11 +79,18 @@ def bench_epoch(us8k: Path, cache: Path) -> tuple[float, int]:
 
 
 def bench_predict(files: list[Path], model_path: Path, repeats: int,
-                  precision: str = "auto") -> tuple[list[float], str]:
+                  precision: str = "auto", trace: bool = True) -> tuple[list[float], str]:
+    """``trace=False`` times the path a predictor takes where TorchScript tracing fails (it
+    is deprecated): tracing is made to fail, exactly as it would, and the model runs eagerly."""
     from src.prediction import Predictor
 
     torch.set_num_threads(1)
-    predictor = Predictor(model_path, precision=precision)
+    if trace:
+        predictor = Predictor(model_path, precision=precision)
+    else:
+        failure = RuntimeError("benchmark: TorchScript made to fail")
+        with mock.patch.object(torch.jit, "trace", side_effect=failure):
+            predictor = Predictor(model_path, precision=precision)
     blobs = [f.read_bytes() for f in files]
     for b in blobs:
         predictor.predict(b)  # warm-up: one pass (TorchScript profiling runs, soxr plans)
@@ -142,12 +151,16 @@ def main() -> None:
     print(f"training epoch: {seconds:.1f} s over {n} clips (folds 1, 2, 4-9; waveforms cached)")
     ours, precision = bench_predict(files, model_path, args.repeats)  # as served: "auto"
     fp32, _ = bench_predict(files, model_path, args.repeats, "float32")
+    eager, eager_precision = bench_predict(files, model_path, args.repeats, trace=False)
     naive = bench_naive(files, args.repeats)
     print(f"predict, bytes -> label, 1 thread, {len(files)} original clips x {args.repeats}:")
     print(f"  urbansound  p50 {statistics.median(ours):6.2f} ms   "
           f"p95 {percentile(ours, 95):6.2f} ms   (as served: conv body in {precision})")
     print(f"  float32     p50 {statistics.median(fp32):6.2f} ms   "
           f"p95 {percentile(fp32, 95):6.2f} ms   (URBANSOUND_INFERENCE_PRECISION=float32)")
+    print(f"  untraced    p50 {statistics.median(eager):6.2f} ms   "
+          f"p95 {percentile(eager, 95):6.2f} ms   (where TorchScript fails: eager, "
+          f"{eager_precision} body)")
     print(f"  naive stack p50 {statistics.median(naive):6.2f} ms   p95 {percentile(naive, 95):6.2f}"
           " ms   (librosa.load + melspectrogram + reference CNN)")
     print(f"  speed-up (p50 ratio): {statistics.median(naive) / statistics.median(ours):.2f}x")
