@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     retrain_epochs: int = Field(8, description="Fine-tuning epochs per retrain job.")
     retrain_lr: float = Field(3e-4, description="Peak learning rate when fine-tuning.")
     gate_margin: float = Field(0.01, description="Promote if new macro-F1 >= served - margin.")
+    gate_min_test_clips: int = Field(
+        30, ge=1, description="A retrain runs only when the gate's test set has at least this "
+        "many clips: on fewer, a candidate that lost ground on unseen recordings passes "
+        "whenever it keeps those few right.")
     retrain_soft_limit_s: int = Field(3300, description="Celery soft time limit of a retrain.")
     retrain_hard_limit_s: int = Field(3600, description="Celery hard time limit of a retrain.")
     retrain_base_clips: int = Field(

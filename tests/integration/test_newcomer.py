@@ -9,10 +9,12 @@ interpreter runs it, with ``PYTHONPATH`` = the clone: the clone's code is what r
 worker processes work in the clone, its state folder appears there, and nothing is written to
 the repository's ``var/`` or ``models/``).
 
-Without a data set: predict a real clip, upload a zip, retrain (never ``failed``), upload more,
-retrain, roll back, retrain (what only the abandoned versions learnt is new again); versions
-carry their parents and record what they were graded on; then every same-origin link, image,
-stylesheet and script of every page
+Without a data set: predict a real clip, upload a zip of a dozen clips (a retrain is refused
+with 409: two held-out clips are too few for the gate, and the plan says how to fix it), upload
+a collection large enough, retrain (never ``failed``), upload more, retrain, roll back,
+retrain (what only the abandoned versions learnt is new again); versions carry their parents
+and record what they were graded on; then every same-origin link, image, stylesheet and script
+of every page
 answers 200, anonymous and as admin. Then the same with a data set imported (``urbansound data
 import``): a fold-3 clip (the gate's test set) is refused with ``in_test_set``, the retrain
 gates on fold 3, the data visualisations render. ``up`` stops on Ctrl-C within ~20 s, web and
@@ -25,6 +27,7 @@ them the tests fail in CI and skip elsewhere, saying why; every other preconditi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -231,6 +234,22 @@ def pick_clips(rows: list[dict], folds: set[int], classes: tuple[str, ...], per_
                     break
         assert n == per_class, f"only {n} {cls} clips in fold(s) {sorted(folds)} of {US8K}"
     return picked
+
+
+def pick_recordings(rows: list[dict], folds: set[int], n: int,
+                    exclude_fsids: set[str]) -> list[dict]:
+    """``n`` clips, each from its own recording not in ``exclude_fsids``, the classes taken in
+    turn (a person's mixed collection), at least a second long."""
+    by_class: dict[str, list[dict]] = {}
+    used = set(exclude_fsids)
+    for r in sorted(rows, key=lambda r: r["slice_file_name"]):
+        if (int(r["fold"]) in folds and r["fsID"] not in used
+                and float(r["end"]) - float(r["start"]) >= 1.0):
+            by_class.setdefault(r["class"], []).append(r)
+            used.add(r["fsID"])
+    turns = [r for group in itertools.zip_longest(*by_class.values()) for r in group if r]
+    assert len(turns) >= n, f"only {len(turns)} recordings in fold(s) {sorted(folds)} of {US8K}"
+    return turns[:n]
 
 
 def make_zip(path: Path, rows: list[dict]) -> Path:
@@ -573,8 +592,23 @@ def test_upload_retrain_rollback_loop_without_a_data_set(no_data):
     first = pick_clips(run.rows, {1, 2}, classes, 4, set())
     second = pick_clips(run.rows, {1, 2}, classes, 4, {r["fsID"] for r in first})
     upload_zip(s, up, make_zip(run.tmp / "first.zip", first), len(first))
-    assert_plan_ready(s, up)
-    run.phase("predicted, uploaded, planned")
+
+    # A dozen clips hold out two: too few for the gate to judge by (default settings). The
+    # plan says so and how to fix it, and a retrain is refused before any job exists.
+    early = retrain_plan(s, up)
+    assert early["ready"] is False and early["test_set"]["n"] == 2, early
+    assert any("needs at least 30" in m["what"] and "URBANSOUND_GATE_MIN_TEST_CLIPS" in m["fix"]
+               for m in early["missing"]), early
+    r = s.post(f"{up.url}/api/v1/retrain", json={"epochs": 2}, timeout=120)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready", r.text[:1000]
+    assert "needs at least 30" in r.json()["error"]["message"], r.text[:1000]
+
+    # A collection large enough: a fifth of 148 recordings is 30 held-out clips.
+    reserved = {r["fsID"] for r in first + second}
+    more = pick_recordings(run.rows, {1, 2}, 148 - len(first), reserved)
+    upload_zip(s, up, make_zip(run.tmp / "more.zip", more), len(more))
+    assert assert_plan_ready(s, up)["test_set"]["n"] >= 30
+    run.phase("predicted, uploaded, refused on a dozen clips, uploaded more, planned")
 
     job = retrain(s, up, epochs=2)
     assert_finished(job, up)
