@@ -224,10 +224,17 @@ def test_unknown_job_page_is_404_page(client):
     assert "not found" in r.get_data(as_text=True)
 
 
-def test_versions_table_and_version_page(client):
+def test_versions_table_and_version_page(client, quick_model):
     html = client.get("/training").get_data(as_text=True)
     for version in ("quick-1", "quick-2", "quick-bad", "broken"):
         assert version in html
+    # each score beside the size (and description) of the test set it was measured on
+    metrics = quick_model.checkpoint["metrics"]
+    row = re.search(r'<tr[^>]*>\s*<td><a href="/training/models/quick-1">.*?</tr>', html, re.S)
+    assert row, html
+    cell = re.search(r'data-field="test-clips"><span title="([^"]*)">(\d+)</span>', row.group(0))
+    assert cell and int(cell.group(2)) == metrics["n"] and cell.group(1) == metrics["split"], row
+    assert "Scores on different test sets do not compare" in html
     page = client.get("/training/models/quick-1")
     assert page.status_code == 200
     text = page.get_data(as_text=True)
