@@ -193,7 +193,7 @@ def check_samples(y: np.ndarray, sr: int, min_seconds: float = 0.05) -> None:
             f"{1000 * min_seconds:.0f} ms is needed."
         )
     if float(np.abs(y).max()) < 1e-6:
-        raise AudioError("silent", "The clip is silent (all samples are zero).")
+        raise AudioError("silent", "The clip is silent (no sample reaches -120 dBFS).")
 
 
 def normalise_level(y: np.ndarray, target_dbfs: float) -> np.ndarray:

@@ -171,6 +171,16 @@ def test_meaningless_audio_is_refused(data, code):
     assert err.value.code == code
 
 
+def test_a_clip_below_the_silence_floor_is_silent_and_told_so_truly():
+    """Not zeros, but under -120 dBFS: refused as silent, without claiming the samples are 0."""
+    quiet = tone_samples(channels=1) * 1e-7
+    assert np.abs(quiet).max() > 0
+    with pytest.raises(AudioError) as err:
+        load_clip(audio_bytes(quiet.astype(np.float32), 22050, "FLOAT"))
+    assert err.value.code == "silent" and "-120 dBFS" in err.value.message
+    assert "zero" not in err.value.message
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(AudioError) as err:
         load_clip(tmp_path / "nope.wav")
