@@ -311,7 +311,10 @@ def visuals_state() -> tuple[list | None, str | None]:
                 try:
                     visualise.render_all(root, settings.cache_dir)
                 except Exception as exc:  # shown on the page; retried when the data changes
-                    log.warning("data set visualisations failed: %s", exc)
+                    # an empty or unreadable data folder is the user's state (a fresh clone's
+                    # data/ holds only its README), not the server's fault
+                    log.log(logging.INFO if isinstance(exc, UserError) else logging.WARNING,
+                            "data set visualisations failed: %s", exc)
                     with _visual_lock:
                         _visual_errors[key] = str(exc)
 

@@ -4,6 +4,7 @@ login, CSRF is enforced, errors are pages (not tracebacks)."""
 from __future__ import annotations
 
 import io
+import logging
 import re
 
 import pytest
@@ -181,6 +182,27 @@ def test_data_page_without_data(make_app, monkeypatch, tmp_path):
     html = client.get("/data").get_data(as_text=True)
     assert "No data set at" in html
     assert client.get("/data/visuals/status").get_json()["ready"] is False
+
+
+def test_an_empty_data_folder_is_said_on_the_page_not_warned_in_the_log(make_app, monkeypatch,
+                                                                        tmp_path, caplog):
+    """A fresh clone's data/ holds only its README: the page says what to do, and the log
+    records it below WARNING (it is the user's state, not a server fault)."""
+    import time
+
+    empty = tmp_path / "data"
+    empty.mkdir()
+    (empty / "README.md").write_text("put a data set here\n")
+    monkeypatch.setenv("URBANSOUND_DATA_DIR", str(empty))
+    client = make_app().test_client()
+    with caplog.at_level(logging.INFO, logger="web.ui"):
+        client.get("/data")
+        deadline = time.monotonic() + 30
+        while "no audio found" not in client.get("/data").get_data(as_text=True):
+            assert time.monotonic() < deadline, "the page never said the folder holds no audio"
+            time.sleep(0.2)
+    said = [r for r in caplog.records if "visualisations failed" in r.getMessage()]
+    assert said and all(r.levelno == logging.INFO for r in said), said
 
 
 # --------------------------------------------------------------------------- training
