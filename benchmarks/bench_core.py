@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import statistics
 import time
@@ -85,12 +86,10 @@ def bench_predict(files: list[Path], model_path: Path, repeats: int,
     from src.prediction import Predictor
 
     torch.set_num_threads(1)
-    if trace:
+    failure = RuntimeError("benchmark: TorchScript made to fail")
+    with (contextlib.nullcontext() if trace
+          else mock.patch.object(torch.jit, "trace", side_effect=failure)):
         predictor = Predictor(model_path, precision=precision)
-    else:
-        failure = RuntimeError("benchmark: TorchScript made to fail")
-        with mock.patch.object(torch.jit, "trace", side_effect=failure):
-            predictor = Predictor(model_path, precision=precision)
     blobs = [f.read_bytes() for f in files]
     for b in blobs:
         predictor.predict(b)  # warm-up: one pass (TorchScript profiling runs, soxr plans)

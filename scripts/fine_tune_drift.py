@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -24,9 +25,10 @@ from torch import nn
 from src import model as model_module
 from src import registry
 from src.datasets import Clip, read_us8k
-from src.model import AudioCNN, build_model, evaluate_model, load_checkpoint
+from src.jobs import evaluate_checkpoint
+from src.model import load_checkpoint
 from src.settings import Settings
-from src.train import Split, retrain
+from src.train import retrain
 
 ROOT = Path(__file__).resolve().parents[1]
 US8K = ROOT.parent / "shared" / "us8k"
@@ -64,12 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     base = load_checkpoint(args.model or registry.current(ROOT / "models")[1])
     settings = Settings()
-    config = build_model(base).config
 
-    def score(net: AudioCNN, clips: list[Clip]) -> str:
-        split = Split.load(clips, config, args.cache, False)
-        m = evaluate_model(net.eval(), split.x, split.y, tuple(base["classes"]))
-        return (f"{round(m['accuracy'] * len(clips))} of {len(clips)} right "
+    def said(m: dict[str, Any], n: int) -> str:
+        return (f"{round(m['accuracy'] * n)} of {n} right "
                 f"(accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f})")
 
     def half(c: Clip) -> int:
@@ -82,8 +81,10 @@ def main() -> None:
     def pick(clips: list[Clip], n: int) -> list[Clip]:
         return [clips[i] for i in sorted(rng.choice(len(clips), n, replace=False))]
 
+    # the served side exactly as the gate measures it; the candidates' side is what retrain()
+    # itself measures on its test clips
     print(f"{base['version']} on half B ({len(b)} clips, {len({c.group for c in b})} "
-          f"recordings): {score(build_model(base), b)}")
+          f"recordings): {said(evaluate_checkpoint(base, b, args.cache), len(b))}")
     runs = {"16 seen clips (folds 4-5)": pick(read_us8k(US8K, {4, 5}), 16),
             "16 clips of half A": pick(a, 16), "64 clips of half A": pick(a, 64),
             f"all {len(a)} clips of half A": a}
@@ -94,7 +95,8 @@ def main() -> None:
                                  lr=settings.retrain_lr, cache_dir=args.cache,
                                  learn_without_forgetting=True)
             label = name + (", batch norm frozen" if frozen else "")
-            print(f"fine-tuned on {label:<42} {score(result.model, b)}", flush=True)
+            print(f"fine-tuned on {label:<42} {said(result.test_metrics, len(b))}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -65,26 +65,29 @@ def modulation_features(y: np.ndarray, bands: int = 8) -> np.ndarray:
     return (spectrum - spectrum.mean(0)).ravel()
 
 
-def fine_low_features(y: np.ndarray) -> np.ndarray:
-    """The shape of the clip's average spectrum below 600 Hz at 2.7 Hz resolution: mains hum
-    and an engine's harmonics are tens of Hz apart, and a 64-band mel image (bands ~67 Hz wide
-    there, 21.5 Hz FFT bins) blurs them into one or two bands."""
+def low_spectrum(y: np.ndarray, top_hz: float) -> tuple[np.ndarray, float]:
+    """The clip's average log power spectrum from 10 Hz to ``top_hz`` at 2.7 Hz resolution
+    (mean removed: its shape, not its level), and that resolution in Hz."""
     power = stft_power(y, 8192, 2048).mean(0)
     freqs = np.fft.rfftfreq(8192, 1 / SR)
-    spectrum = np.log(power[(freqs >= 10) & (freqs < 600)] + 1e-8)
-    return spectrum - spectrum.mean()
+    spectrum = np.log(power[(freqs >= 10) & (freqs < top_hz)] + 1e-8)
+    return spectrum - spectrum.mean(), float(freqs[1])
+
+
+def fine_low_features(y: np.ndarray) -> np.ndarray:
+    """The shape of the clip's average spectrum below 600 Hz: mains hum and an engine's
+    harmonics are tens of Hz apart, and a 64-band mel image (bands ~67 Hz wide there, 21.5 Hz
+    FFT bins) blurs them into one or two bands."""
+    return low_spectrum(y, 600)[0]
 
 
 def harmonic_features(y: np.ndarray) -> np.ndarray:
     """How periodic that fine spectrum is, whatever its fundamental: the magnitude of the
     cepstrum of the 10-1000 Hz log spectrum at spacings of 5-100 Hz, so an engine at 800 rpm
     and one at 1,200 rpm look alike."""
-    power = stft_power(y, 8192, 2048).mean(0)
-    freqs = np.fft.rfftfreq(8192, 1 / SR)
-    spectrum = np.log(power[(freqs >= 10) & (freqs < 1000)] + 1e-8)
-    spectrum -= spectrum.mean()
+    spectrum, resolution = low_spectrum(y, 1000)
     ceps = np.abs(np.fft.rfft(spectrum * np.hanning(len(spectrum))))
-    spacing = len(spectrum) * (freqs[1] - freqs[0]) / np.maximum(np.arange(len(ceps)), 1)
+    spacing = len(spectrum) * resolution / np.maximum(np.arange(len(ceps)), 1)
     keep = (spacing >= 5) & (spacing <= 100)
     return np.log(ceps[keep] + 1e-8)
 
